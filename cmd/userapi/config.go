@@ -1,0 +1,160 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"net/url"
+	"strings"
+	"time"
+)
+
+// envPrefix names the environment variables that back every flag:
+// --pool-size is USERAPI_POOL_SIZE. Flags given on the command line win.
+const envPrefix = "USERAPI_"
+
+// config is the service's whole configuration, shared by the subcommands.
+type config struct {
+	Addr      string
+	DB        string
+	DBPool    bool
+	PoolSize  int
+	DBTimeout time.Duration
+	DBWait    time.Duration
+	Migrate   bool
+
+	Redis        string
+	RedisTimeout time.Duration
+	Cache        string
+	Coalesce     bool
+	CacheBytes   int64
+	CacheTTL     time.Duration
+	NegativeTTL  time.Duration
+	MaxBatch     int
+
+	DebugAddr      string
+	PublicMetrics  bool
+	TrustedProxies string
+	MaxBody        int
+
+	ReadTimeout     time.Duration
+	WriteTimeout    time.Duration
+	IdleTimeout     time.Duration
+	RequestTimeout  time.Duration
+	ShutdownTimeout time.Duration
+
+	LogLevel  string
+	LogFormat string
+}
+
+// dbFlags registers the flags every subcommand that opens the database needs.
+func (c *config) dbFlags(fs *flag.FlagSet) {
+	fs.StringVar(&c.DB, "db", "sqlite:userapi.db", "database URL: postgres://user@host:5432/db, mysql://user:pass@host:3306/db or sqlite:PATH")
+	fs.BoolVar(&c.DBPool, "db-pool", true, "pool database connections (false opens one connection per query, for comparison)")
+	fs.IntVar(&c.PoolSize, "pool-size", 0, "maximum pooled database connections (0: the store's default for this machine)")
+	// 2s: a loaded pool answers in milliseconds; a dead database must turn
+	// into a 503 well before the request deadline.
+	fs.DurationVar(&c.DBTimeout, "db-timeout", 2*time.Second, "deadline of every database call")
+	fs.DurationVar(&c.DBWait, "db-wait", 30*time.Second, "how long start-up waits for the database to become reachable")
+}
+
+// serveFlags registers the flags of `userapi serve`.
+func (c *config) serveFlags(fs *flag.FlagSet) {
+	c.dbFlags(fs)
+	fs.StringVar(&c.Addr, "addr", "127.0.0.1:8080", "public listen address")
+	fs.BoolVar(&c.Migrate, "migrate", false, "apply pending migrations at start (SQLite always does)")
+	fs.StringVar(&c.Redis, "redis", "", "Redis URL (redis://host:6379/0); needed by the redis and tiered caches")
+	// 50ms: a healthy Redis on the same network answers in well under a
+	// millisecond; waiting longer only adds latency before failing open.
+	fs.DurationVar(&c.RedisTimeout, "redis-timeout", 50*time.Millisecond, "deadline of every Redis call")
+	fs.StringVar(&c.Cache, "cache", "local", "cache mode: off, local, redis or tiered")
+	fs.BoolVar(&c.Coalesce, "coalesce", true, "coalesce concurrent loads of a key and batch misses into multi-key queries")
+	fs.Int64Var(&c.CacheBytes, "cache-bytes", 256<<20, "byte budget of the in-process cache")
+	fs.DurationVar(&c.CacheTTL, "cache-ttl", 5*time.Minute, "time to live of cached users (jittered ±10%)")
+	fs.DurationVar(&c.NegativeTTL, "negative-ttl", 5*time.Second, "time to live of cached absent ids")
+	fs.IntVar(&c.MaxBatch, "max-batch", 128, "most ids loaded by one multi-key query")
+	fs.StringVar(&c.DebugAddr, "debug-addr", "", "listen address of the debug server with pprof and metrics (empty: off)")
+	fs.BoolVar(&c.PublicMetrics, "public-metrics", false, "also serve /metrics on the public listener")
+	fs.StringVar(&c.TrustedProxies, "trusted-proxies", "", "comma-separated addresses or CIDRs whose X-Forwarded-For is trusted")
+	fs.IntVar(&c.MaxBody, "max-body", 64<<10, "largest accepted request body in bytes")
+	fs.DurationVar(&c.ReadTimeout, "read-timeout", 10*time.Second, "time to read a whole request")
+	fs.DurationVar(&c.WriteTimeout, "write-timeout", 10*time.Second, "time to write a whole response")
+	fs.DurationVar(&c.IdleTimeout, "idle-timeout", 120*time.Second, "keep-alive idle time (above nginx's upstream keepalive_timeout)")
+	fs.DurationVar(&c.RequestTimeout, "request-timeout", 5*time.Second, "deadline of one request's work")
+	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 15*time.Second, "how long shutdown drains in-flight requests")
+	c.logFlags(fs)
+}
+
+func (c *config) logFlags(fs *flag.FlagSet) {
+	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn or error")
+	fs.StringVar(&c.LogFormat, "log-format", "text", "log format: text or json")
+}
+
+// parse parses args into fs, then fills every flag not given on the command
+// line from its USERAPI_* environment variable.
+func parse(fs *flag.FlagSet, args []string, getenv func(string) string) error {
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	var err error
+	fs.VisitAll(func(f *flag.Flag) {
+		if given[f.Name] || err != nil {
+			return
+		}
+		name := envPrefix + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		if v := getenv(name); v != "" {
+			if e := fs.Set(f.Name, v); e != nil {
+				err = fmt.Errorf("%s=%q: %w", name, v, e)
+			}
+		}
+	})
+	return err
+}
+
+// trustedProxies parses the --trusted-proxies list.
+func (c *config) trustedProxies() ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, s := range strings.Split(c.TrustedProxies, ",") {
+		s = strings.TrimSpace(s)
+		if s == "" {
+			continue
+		}
+		if p, err := netip.ParsePrefix(s); err == nil {
+			out = append(out, p.Masked())
+			continue
+		}
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return nil, fmt.Errorf("--trusted-proxies: %q is not an address or CIDR", s)
+		}
+		out = append(out, netip.PrefixFrom(a, a.BitLen()))
+	}
+	return out, nil
+}
+
+// dump logs every flag's effective value, with passwords in URLs redacted.
+func dump(log *slog.Logger, fs *flag.FlagSet) {
+	var attrs []any
+	fs.VisitAll(func(f *flag.Flag) {
+		attrs = append(attrs, slog.String(f.Name, redact(f.Value.String())))
+	})
+	log.Info("config", attrs...)
+}
+
+// redact hides the password of a URL-shaped value.
+func redact(v string) string {
+	if !strings.Contains(v, "://") {
+		return v
+	}
+	u, err := url.Parse(v)
+	if err != nil {
+		return "<unparsable URL redacted>"
+	}
+	if _, ok := u.User.Password(); ok {
+		return u.Redacted()
+	}
+	return v
+}

@@ -1,0 +1,238 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// syncBuffer collects a running service's log output.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// startService runs `userapi serve` in-process with args and waits for
+// /readyz. It returns the base URL, the log, and a stop function that
+// cancels the service and returns run's error.
+func startService(t *testing.T, env map[string]string, args ...string) (string, *syncBuffer, func() error) {
+	t.Helper()
+	addr := freeAddr(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	logs := &syncBuffer{}
+	done := make(chan error, 1)
+	getenv := func(k string) string { return env[k] }
+	go func() {
+		done <- run(ctx, append([]string{"serve", "--addr", addr}, args...), getenv, logs, logs)
+	}()
+	base := "http://" + addr
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		resp, err := http.Get(base + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				break
+			}
+		}
+		select {
+		case err := <-done:
+			cancel()
+			t.Fatalf("service exited before ready: %v\n%s", err, logs)
+		default:
+		}
+		if time.Now().After(deadline) {
+			cancel()
+			t.Fatalf("service not ready after 30s\n%s", logs)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	var once sync.Once
+	var runErr error
+	stop := func() error {
+		once.Do(func() {
+			cancel()
+			select {
+			case runErr = <-done:
+			case <-time.After(20 * time.Second):
+				runErr = errors.New("service did not stop within 20s")
+			}
+		})
+		return runErr
+	}
+	t.Cleanup(func() { stop() })
+	return base, logs, stop
+}
+
+func TestServeSQLiteEndToEnd(t *testing.T) {
+	db := "sqlite:" + filepath.Join(t.TempDir(), "e2e.db")
+	base, logs, stop := startService(t, nil, "--db", db)
+
+	resp, err := http.Post(base+"/users", "application/json", strings.NewReader(`{"email":"Ada@Example.com","name":"Ada"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var created struct {
+		ID    int64  `json:"id"`
+		Email string `json:"email"`
+	}
+	json.NewDecoder(resp.Body).Decode(&created)
+	resp.Body.Close()
+	if resp.StatusCode != 201 || created.Email != "ada@example.com" {
+		t.Fatalf("POST /users = %d %+v", resp.StatusCode, created)
+	}
+	resp, err = http.Get(fmt.Sprintf("%s/users/%d", base, created.ID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || resp.Header.Get("ETag") != `"1"` || !strings.Contains(string(body), `"email":"ada@example.com"`) {
+		t.Fatalf("GET = %d %s %s", resp.StatusCode, resp.Header.Get("ETag"), body)
+	}
+	if err := stop(); err != nil {
+		t.Fatalf("serve returned %v after cancel", err)
+	}
+	if !strings.Contains(logs.String(), "stopped") {
+		t.Errorf("no clean shutdown in the log:\n%s", logs)
+	}
+
+	// The write is durable: a new process on the same file sees it.
+	base, _, _ = startService(t, nil, "--db", db)
+	resp, err = http.Get(fmt.Sprintf("%s/users/%d", base, created.ID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Errorf("GET after restart = %d, want 200", resp.StatusCode)
+	}
+}
+
+func TestServeDebugListener(t *testing.T) {
+	debug := freeAddr(t)
+	db := "sqlite:" + filepath.Join(t.TempDir(), "d.db")
+	base, _, _ := startService(t, nil, "--db", db, "--debug-addr", debug)
+	for _, path := range []string{"/metrics", "/debug/pprof/"} {
+		resp, err := http.Get("http://" + debug + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Errorf("debug %s = %d", path, resp.StatusCode)
+		}
+		if path == "/metrics" && !strings.Contains(string(body), "userapi_") {
+			t.Errorf("debug /metrics has no userapi_ metrics")
+		}
+	}
+	// Not public by default.
+	resp, err := http.Get(base + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 404 {
+		t.Errorf("public /metrics = %d, want 404 unless --public-metrics", resp.StatusCode)
+	}
+}
+
+func TestEnvAndFlags(t *testing.T) {
+	env := map[string]string{"USERAPI_POOL_SIZE": "7", "USERAPI_CACHE": "off", "USERAPI_DB": "sqlite:env.db"}
+	var c config
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	c.serveFlags(fs)
+	if err := parse(fs, []string{"--cache", "tiered"}, func(k string) string { return env[k] }); err != nil {
+		t.Fatal(err)
+	}
+	if c.PoolSize != 7 || c.Cache != "tiered" || c.DB != "sqlite:env.db" {
+		t.Errorf("got pool=%d cache=%q db=%q; want env for unset flags, flag over env", c.PoolSize, c.Cache, c.DB)
+	}
+	fs = flag.NewFlagSet("serve", flag.ContinueOnError)
+	c.serveFlags(fs)
+	err := parse(fs, nil, func(k string) string {
+		if k == "USERAPI_POOL_SIZE" {
+			return "lots"
+		}
+		return ""
+	})
+	if err == nil || !strings.Contains(err.Error(), "USERAPI_POOL_SIZE") {
+		t.Errorf("bad env value error = %v, want one naming the variable", err)
+	}
+}
+
+func TestRedact(t *testing.T) {
+	tests := map[string]string{
+		"mysql://root:secret@127.0.0.1:3306/test": "mysql://root:xxxxx@127.0.0.1:3306/test",
+		"postgres://postgres@127.0.0.1:5432/test": "postgres://postgres@127.0.0.1:5432/test",
+		"redis://:hunter2@127.0.0.1:6379/0":       "redis://:xxxxx@127.0.0.1:6379/0",
+		"sqlite:userapi.db":                       "sqlite:userapi.db",
+	}
+	for in, want := range tests {
+		if got := redact(in); got != want {
+			t.Errorf("redact(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestConfigDumpRedactsSecrets(t *testing.T) {
+	db := "sqlite:" + filepath.Join(t.TempDir(), "r.db")
+	_, logs, _ := startService(t, map[string]string{"USERAPI_REDIS": "redis://:hunter2@127.0.0.1:1/0"}, "--db", db)
+	if strings.Contains(logs.String(), "hunter2") {
+		t.Errorf("config dump shows the Redis password:\n%s", logs)
+	}
+	if !strings.Contains(logs.String(), "config") {
+		t.Errorf("no config dump in the log:\n%s", logs)
+	}
+}
+
+func TestUsageErrors(t *testing.T) {
+	tests := [][]string{
+		{},
+		{"nope"},
+		{"serve", "--cache", "sometimes"},
+		{"serve", "--db", "oracle://x"},
+		{"serve", "--trusted-proxies", "not-an-ip"},
+		{"seed", "--users", "0"},
+	}
+	for _, args := range tests {
+		err := run(context.Background(), args, func(string) string { return "" }, io.Discard, io.Discard)
+		if !errors.Is(err, errUsage) {
+			t.Errorf("run(%q) = %v, want a usage error", args, err)
+		}
+	}
+}

@@ -1,0 +1,139 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"time"
+
+	"userapi"
+	"userapi/mysql"
+	"userapi/postgres"
+	"userapi/sqlite"
+)
+
+// backend names the database behind a URL by its scheme.
+func backend(dbURL string) (string, error) {
+	scheme, _, ok := strings.Cut(dbURL, ":")
+	if !ok {
+		return "", fmt.Errorf("%w: --db %q is not a URL (postgres://…, mysql://…, sqlite:PATH)", errUsage, redact(dbURL))
+	}
+	switch scheme {
+	case "postgres", "postgresql":
+		return "postgres", nil
+	case "mysql", "mariadb":
+		return "mysql", nil
+	case "sqlite", "sqlite3", "file":
+		return "sqlite", nil
+	}
+	return "", fmt.Errorf("%w: --db scheme %q is not postgres, mysql or sqlite", errUsage, scheme)
+}
+
+// openStore opens the store behind c.DB. migrate applies pending migrations
+// first; SQLite, the zero-configuration default, always does.
+func openStore(ctx context.Context, c *config, migrate bool) (userapi.Store, error) {
+	kind, err := backend(c.DB)
+	if err != nil {
+		return nil, err
+	}
+	switch kind {
+	case "postgres":
+		return postgres.Open(ctx, c.DB, postgres.Options{
+			MaxConns:     c.PoolSize,
+			QueryTimeout: c.DBTimeout,
+			NoPool:       !c.DBPool,
+			Migrate:      migrate,
+		})
+	case "mysql":
+		return mysql.Open(ctx, c.DB, mysql.Options{
+			MaxConns:     c.PoolSize,
+			QueryTimeout: c.DBTimeout,
+			NoPool:       !c.DBPool,
+			Migrate:      migrate,
+		})
+	default:
+		return sqlite.Open(ctx, c.DB, sqlite.Options{
+			MaxConns:     c.PoolSize,
+			QueryTimeout: c.DBTimeout,
+			Migrate:      true,
+		})
+	}
+}
+
+// openStoreWaiting retries openStore while the database is unreachable, for
+// up to c.DBWait, so instances started before their database come up.
+func openStoreWaiting(ctx context.Context, c *config, migrate bool, log *slog.Logger) (userapi.Store, error) {
+	deadline := time.Now().Add(c.DBWait)
+	delay := 100 * time.Millisecond
+	for {
+		s, err := openStore(ctx, c, migrate)
+		if err == nil || !errors.Is(err, userapi.ErrUnavailable) || time.Now().After(deadline) {
+			return s, err
+		}
+		log.Warn("database unreachable, retrying", "err", err, "in", delay)
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, 2*time.Second)
+	}
+}
+
+func migrate(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer) error {
+	var c config
+	fs := newFlagSet("migrate", stderr)
+	c.dbFlags(fs)
+	if err := parseArgs(fs, args, getenv); err != nil {
+		return err
+	}
+	s, err := openStore(ctx, &c, true)
+	if err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	fmt.Fprintf(stderr, "migrated %s\n", redact(c.DB))
+	return s.Close()
+}
+
+func seed(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer) error {
+	var c config
+	fs := newFlagSet("seed", stderr)
+	c.dbFlags(fs)
+	users := fs.Int("users", 1_000_000, "how many users to load")
+	first := fs.Int("first", 1, "number of the first generated user (user<N>@example.com)")
+	if err := parseArgs(fs, args, getenv); err != nil {
+		return err
+	}
+	if *users < 1 || *first < 1 {
+		return fmt.Errorf("%w: --users and --first must be positive", errUsage)
+	}
+	// A bulk load runs long statements (COPY of 100k rows); ten minutes bounds
+	// a stuck one without cutting a real one short.
+	c.DBTimeout = 10 * time.Minute
+	s, err := openStore(ctx, &c, true)
+	if err != nil {
+		return fmt.Errorf("seed: %w", err)
+	}
+	defer s.Close()
+	seeder, ok := s.(userapi.Seeder)
+	if !ok {
+		return fmt.Errorf("seed: the %T store cannot bulk-load", s)
+	}
+	start := time.Now()
+	last := time.Now()
+	err = seeder.SeedUsers(ctx, *first, *users, func(done int) {
+		if time.Since(last) >= time.Second || done == *users {
+			last = time.Now()
+			el := time.Since(start).Seconds()
+			fmt.Fprintf(stderr, "seeded %d/%d users (%.0f/s)\n", done, *users, float64(done)/el)
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("seed: %w", err)
+	}
+	fmt.Fprintf(stderr, "seeded %d users in %s\n", *users, time.Since(start).Round(time.Millisecond))
+	return nil
+}
