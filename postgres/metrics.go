@@ -1,0 +1,71 @@
+package postgres
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// RegisterMetrics registers collectors that export the pool's statistics on
+// every scrape: connections in use, idle, open and allowed, and counters of
+// acquires, acquires that had to wait for a connection (the pool was empty),
+// the time spent waiting, and acquires canceled by their context. In NoPool
+// mode there is no pool and nothing is exported. Like prometheus.MustRegister
+// it panics when the names are registered already.
+func (s *Store) RegisterMetrics(reg prometheus.Registerer) {
+	if s.pool == nil {
+		return
+	}
+	reg.MustRegister(&poolCollector{s: s})
+}
+
+var (
+	descAcquired = prometheus.NewDesc("userapi_db_pool_acquired_conns",
+		"Connections currently in use.", nil, nil)
+	descIdle = prometheus.NewDesc("userapi_db_pool_idle_conns",
+		"Connections open and idle in the pool.", nil, nil)
+	descTotal = prometheus.NewDesc("userapi_db_pool_total_conns",
+		"Connections open (in use, idle, or being opened).", nil, nil)
+	descMax = prometheus.NewDesc("userapi_db_pool_max_conns",
+		"The pool size limit.", nil, nil)
+	descAcquires = prometheus.NewDesc("userapi_db_pool_acquires_total",
+		"Connections acquired from the pool.", nil, nil)
+	descWaits = prometheus.NewDesc("userapi_db_pool_waits_total",
+		"Acquires that had to wait because no connection was idle.", nil, nil)
+	descWaitSeconds = prometheus.NewDesc("userapi_db_pool_wait_seconds_total",
+		"Time spent in acquires that had to wait for a connection.", nil, nil)
+	descAcquireSeconds = prometheus.NewDesc("userapi_db_pool_acquire_duration_seconds_total",
+		"Time spent in all successful acquires.", nil, nil)
+	descCanceled = prometheus.NewDesc("userapi_db_pool_canceled_acquires_total",
+		"Acquires that ended because their context was canceled or timed out.", nil, nil)
+)
+
+// poolCollector reads pgxpool.Stat once per scrape, so all values of one
+// scrape come from the same snapshot.
+type poolCollector struct {
+	s *Store
+}
+
+func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descAcquired, descIdle, descTotal, descMax,
+		descAcquires, descWaits, descWaitSeconds, descAcquireSeconds, descCanceled} {
+		ch <- d
+	}
+}
+
+func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.s.pool.Stat()
+	gauge := func(d *prometheus.Desc, v float64) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v)
+	}
+	counter := func(d *prometheus.Desc, v float64) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v)
+	}
+	gauge(descAcquired, float64(st.AcquiredConns()))
+	gauge(descIdle, float64(st.IdleConns()))
+	gauge(descTotal, float64(st.TotalConns()))
+	gauge(descMax, float64(st.MaxConns()))
+	counter(descAcquires, float64(st.AcquireCount()))
+	counter(descWaits, float64(st.EmptyAcquireCount()))
+	counter(descWaitSeconds, st.EmptyAcquireWaitTime().Seconds())
+	counter(descAcquireSeconds, st.AcquireDuration().Seconds())
+	counter(descCanceled, float64(st.CanceledAcquireCount()))
+}
