@@ -1,0 +1,216 @@
+package http
+
+import (
+	"bytes"
+	"context"
+	"strings"
+	"time"
+
+	"github.com/valyala/fasthttp"
+)
+
+// handlerFunc serves one route. ctx carries the request deadline and is
+// what the handler passes to the store. A returned error is written by
+// writeError as problem+json with the status from problem.go's table; the
+// handler writes only successful responses.
+type handlerFunc func(rc *fasthttp.RequestCtx, ctx context.Context) error
+
+// route is one operation of the API.
+type route struct {
+	method   string // GET, POST, PUT, PATCH or DELETE; GET also answers HEAD
+	template string // the path as openapi.json writes it, and the metrics label
+	handle   handlerFunc
+}
+
+// routes is the whole API surface. The OpenAPI test checks that this list
+// and openapi.json name the same operations.
+func (s *Server) routes() []route {
+	rs := []route{
+		{"GET", "/users", s.listUsers},
+		{"POST", "/users", s.createUser},
+		{"GET", "/users/{id}", s.getUser},
+		{"PUT", "/users/{id}", s.replaceUser},
+		{"PATCH", "/users/{id}", s.patchUser},
+		{"DELETE", "/users/{id}", s.deleteUser},
+		{"GET", "/livez", s.livez},
+		{"GET", "/readyz", s.readyz},
+		{"GET", "/openapi.json", s.openAPI},
+	}
+	if s.opts.PublicMetrics && s.opts.Metrics != nil {
+		// Off by default: the debug listener always has it, and the public
+		// one should not tell everyone the service's internals.
+		rs = append(rs, route{"GET", "/metrics", s.promMetrics()})
+	}
+	return rs
+}
+
+// serve is the middleware chain every request runs through, in order:
+//
+//  1. in-flight gauge
+//  2. request id: a sane X-Request-ID is kept, otherwise one is generated;
+//     it is echoed in the response and in every log line of the request
+//  3. routing: path → route template, method → handler, else 404 or 405
+//     with Allow
+//  4. recovery (deferred, in finish): a panic becomes a logged 500
+//  5. deadline: the handler's context ends RequestTimeout after the
+//     request started
+//  6. the handler; a returned error becomes problem+json (problem.go)
+//  7. gzip of bodies of at least GzipMinBytes the client accepts gzip for
+//  8. metrics: requests by route template, method and status; duration;
+//     at debug level one log line
+func (s *Server) serve(rc *fasthttp.RequestCtx) {
+	s.metrics.inFlight.Inc()
+	s.setRequestID(rc)
+	ep := s.router.match(rc.Path(), rc.Method())
+	defer s.finish(rc, ep)
+	ctx := newRequestContext(rc.Time().Add(s.opts.RequestTimeout))
+	defer ctx.cancel()
+	if err := ep.handle(rc, ctx); err != nil {
+		s.writeError(rc, err)
+	}
+}
+
+// finish is the deferred tail of serve; it also runs when the handler
+// panicked, so a panic is answered, counted and logged like any 500.
+func (s *Server) finish(rc *fasthttp.RequestCtx, ep *endpoint) {
+	if v := recover(); v != nil {
+		s.recovered(rc, v)
+	}
+	s.compress(rc)
+	elapsed := time.Since(rc.Time())
+	ep.metrics.observe(rc.Response.StatusCode(), elapsed)
+	s.metrics.inFlight.Dec()
+	s.logRequest(rc, ep, elapsed)
+}
+
+// Request methods, as indexes of resource.endpoints and metrics labels.
+// Anything else is "OTHER", which keeps the label set bounded.
+const (
+	methodGet = iota
+	methodHead
+	methodPost
+	methodPut
+	methodPatch
+	methodDelete
+	methodOptions
+	methodOther
+	numMethods
+)
+
+var methodNames = [numMethods]string{"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "OTHER"}
+
+func methodIndex(m []byte) int {
+	switch string(m) {
+	case "GET":
+		return methodGet
+	case "HEAD":
+		return methodHead
+	case "POST":
+		return methodPost
+	case "PUT":
+		return methodPut
+	case "PATCH":
+		return methodPatch
+	case "DELETE":
+		return methodDelete
+	case "OPTIONS":
+		return methodOptions
+	}
+	return methodOther
+}
+
+// routeUnmatched is the route label of requests for unknown paths.
+const routeUnmatched = "unmatched"
+
+// router resolves a path to a resource (one path template) and a method
+// to its endpoint without allocating.
+type router struct {
+	static   map[string]*resource // templates without parameters
+	params   []*resource          // templates ending in one {param} segment
+	notFound *resource
+}
+
+// resource is one path template with an endpoint for every method: the
+// route's handler, or 405.
+type resource struct {
+	template  string
+	prefix    []byte // of a parameter template: the part before "{"
+	endpoints [numMethods]endpoint
+}
+
+type endpoint struct {
+	handle  handlerFunc
+	metrics *routeMetrics
+}
+
+func (s *Server) newRouter() router {
+	r := router{static: map[string]*resource{}}
+	var order []*resource
+	byTemplate := map[string]*resource{}
+	for _, rt := range s.routes() {
+		res := byTemplate[rt.template]
+		if res == nil {
+			res = &resource{template: rt.template}
+			if i := strings.IndexByte(rt.template, '{'); i >= 0 {
+				if !strings.HasSuffix(rt.template, "}") || strings.Contains(rt.template[i:], "/") {
+					panic("http: route " + rt.template + ": only a trailing {param} segment is supported")
+				}
+				res.prefix = []byte(rt.template[:i])
+				r.params = append(r.params, res)
+			} else {
+				r.static[rt.template] = res
+			}
+			byTemplate[rt.template] = res
+			order = append(order, res)
+		}
+		m := methodIndex([]byte(rt.method))
+		res.endpoints[m].handle = rt.handle
+		if m == methodGet {
+			res.endpoints[methodHead].handle = rt.handle
+		}
+	}
+	r.notFound = &resource{template: routeUnmatched}
+	for _, res := range append(order, r.notFound) {
+		allow := allowHeader(res)
+		for m := range res.endpoints {
+			ep := &res.endpoints[m]
+			ep.metrics = s.metrics.route(res.template, methodNames[m])
+			switch {
+			case ep.handle != nil:
+			case res == r.notFound:
+				ep.handle = notFound
+			default:
+				ep.handle = methodNotAllowed(allow)
+			}
+		}
+	}
+	return r
+}
+
+// match returns the endpoint for the request; for unknown paths the 404
+// endpoint, for unsupported methods a 405 one.
+func (r *router) match(path, method []byte) *endpoint {
+	res := r.static[string(path)]
+	if res == nil {
+		for _, p := range r.params {
+			if rest, ok := bytes.CutPrefix(path, p.prefix); ok && len(rest) > 0 && bytes.IndexByte(rest, '/') < 0 {
+				res = p
+				break
+			}
+		}
+		if res == nil {
+			res = r.notFound
+		}
+	}
+	return &res.endpoints[methodIndex(method)]
+}
+
+func allowHeader(res *resource) string {
+	var allowed []string
+	for m, ep := range res.endpoints {
+		if ep.handle != nil {
+			allowed = append(allowed, methodNames[m])
+		}
+	}
+	return strings.Join(allowed, ", ")
+}
