@@ -191,11 +191,19 @@ func newProvider(db *sql.DB) (*goose.Provider, error) {
 		goose.WithLogger(goose.NopLogger()))
 }
 
-// parseURL returns the file path of "sqlite:PATH" or "sqlite://PATH".
+// parseURL returns the file path of "sqlite:PATH" or "sqlite://PATH". The
+// schemes "sqlite3" and "file", which the command line also routes here,
+// are accepted as aliases. Parameters are refused rather than taken as part
+// of a file name: the store sets its own pragmas.
 func parseURL(url string) (string, error) {
-	path, ok := strings.CutPrefix(url, "sqlite://")
-	if !ok {
-		path, ok = strings.CutPrefix(url, "sqlite:")
+	path, ok := "", false
+	for _, scheme := range []string{"sqlite", "sqlite3", "file"} {
+		if path, ok = strings.CutPrefix(url, scheme+"://"); ok {
+			break
+		}
+		if path, ok = strings.CutPrefix(url, scheme+":"); ok {
+			break
+		}
 	}
 	switch {
 	case !ok:
