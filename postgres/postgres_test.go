@@ -306,13 +306,26 @@ func TestAcquireTimeoutIsUnavailable(t *testing.T) {
 	}
 }
 
+// A query that outlives QueryTimeout fails with ErrUnavailable within about
+// the timeout, is canceled on the server (its backend stops waiting), and
+// the store recovers.
 func TestQueryTimeoutIsUnavailable(t *testing.T) {
 	const timeout = 200 * time.Millisecond
-	s, _ := openStore(t, postgres.Options{MaxConns: 1, QueryTimeout: timeout})
+	s, dbURL := openStore(t, postgres.Options{MaxConns: 1, QueryTimeout: timeout})
 	ctx := testContext(t)
+	u, _, err := s.CreateUser(ctx, userapi.UserCreate{Email: "a@example.com", Name: "A"})
+	if err != nil {
+		t.Fatal(err)
+	}
 
-	// Lock the table so the next read waits past its deadline.
-	tx, err := s.Pool().Begin(ctx)
+	// Lock the table from another connection so the read waits past its
+	// deadline.
+	admin, err := pgx.Connect(ctx, dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close(ctx)
+	tx, err := admin.Begin(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -320,19 +333,39 @@ func TestQueryTimeoutIsUnavailable(t *testing.T) {
 	if _, err := tx.Exec(ctx, `LOCK TABLE users IN ACCESS EXCLUSIVE MODE`); err != nil {
 		t.Fatal(err)
 	}
-	// The lock holds the store's only connection, so open a second store on
-	// the same database for the blocked read.
-	other, err := postgres.Open(ctx, tx.Conn().Config().ConnString(), postgres.Options{QueryTimeout: timeout})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer other.Close()
+
 	start := time.Now()
-	if _, err := other.GetUser(ctx, 1); !errors.Is(err, userapi.ErrUnavailable) {
+	if _, err := s.GetUser(ctx, u.ID); !errors.Is(err, userapi.ErrUnavailable) {
 		t.Fatalf("GetUser behind a lock = %v, want ErrUnavailable", err)
 	}
 	if el := time.Since(start); el > timeout+time.Second {
 		t.Errorf("GetUser took %v, want about %v", el, timeout)
+	}
+	// pgx closes a connection whose deadline passed and sends the server a
+	// cancel request, so the abandoned query stops waiting soon.
+	var waiting int
+	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		err = admin.QueryRow(ctx, `
+SELECT count(*)
+FROM pg_stat_activity
+WHERE datname = current_database()
+	AND wait_event_type = 'Lock'`).Scan(&waiting)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if waiting == 0 {
+			break
+		}
+	}
+	if waiting != 0 {
+		t.Errorf("%d backends still wait for the lock after the call timed out", waiting)
+	}
+
+	if err := tx.Rollback(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.GetUser(ctx, u.ID); err != nil {
+		t.Fatalf("GetUser after the lock was released: %v", err)
 	}
 }
 

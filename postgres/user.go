@@ -51,7 +51,8 @@ func collectUsers(rows pgx.Rows) ([]*userapi.User, error) {
 }
 
 // GetUser returns the user with id, or an error wrapping userapi.ErrNotFound.
-// It is the hot read path: one pooled round trip on a prepared statement.
+// It is the hot read path: one round trip on a pooled connection, where the
+// statement is prepared on its first use and cached from then on.
 func (s *Store) GetUser(ctx context.Context, id int64) (*userapi.User, error) {
 	const q = `
 SELECT
