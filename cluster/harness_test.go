@@ -1,0 +1,393 @@
+package cluster
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/redis/rueidis"
+)
+
+// repoRoot is the module root: tests run in the package directory.
+const repoRoot = ".."
+
+// The userapi binary is built once per test binary run and shared by the
+// tests (scripts/cluster --bin); TestMain removes it.
+var (
+	buildOnce sync.Once
+	buildDir  string
+	buildBin  string
+	buildErr  error
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if buildDir != "" {
+		os.RemoveAll(buildDir)
+	}
+	os.Exit(code)
+}
+
+func goTool() string {
+	if p, err := exec.LookPath("go"); err == nil {
+		return p
+	}
+	return filepath.Join(runtime.GOROOT(), "bin", "go")
+}
+
+// userapiBinary builds ./cmd/userapi once.
+func userapiBinary(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		buildDir, buildErr = os.MkdirTemp("", "userapi-cluster-bin-")
+		if buildErr != nil {
+			return
+		}
+		buildBin = filepath.Join(buildDir, "userapi")
+		cmd := exec.Command(goTool(), "build", "-o", buildBin, "./cmd/userapi")
+		cmd.Dir = repoRoot
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("go build ./cmd/userapi: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return buildBin
+}
+
+// serverURLs returns the test servers' URLs, skipping the test when they
+// are not configured.
+func serverURLs(t *testing.T) (pgURL, redisURL string) {
+	t.Helper()
+	pgURL = os.Getenv("USERAPI_TEST_POSTGRES_URL")
+	redisURL = os.Getenv("USERAPI_TEST_REDIS_URL")
+	if pgURL == "" || redisURL == "" {
+		t.Skip("set USERAPI_TEST_POSTGRES_URL and USERAPI_TEST_REDIS_URL to run the cluster tests")
+	}
+	return pgURL, redisURL
+}
+
+// freshDatabase creates a PostgreSQL database of the test's own next to
+// the one pgURL names, drops it when the test ends, and returns its URL and
+// a pool on it for checking the rows.
+func freshDatabase(t *testing.T, pgURL string) (string, *pgxpool.Pool) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	admin, err := pgx.Connect(ctx, pgURL)
+	if err != nil {
+		t.Fatalf("USERAPI_TEST_POSTGRES_URL is set but PostgreSQL is unreachable: %v", err)
+	}
+	defer admin.Close(context.Background())
+	name := "userapi_cluster_" + randomHex(6)
+	if _, err := admin.Exec(ctx, "CREATE DATABASE "+name); err != nil {
+		t.Fatalf("create database %s: %v", name, err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		admin, err := pgx.Connect(ctx, pgURL)
+		if err != nil {
+			t.Errorf("drop database %s: %v", name, err)
+			return
+		}
+		defer admin.Close(context.Background())
+		if _, err := admin.Exec(ctx, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)"); err != nil {
+			t.Errorf("drop database %s: %v", name, err)
+		}
+	})
+	u, err := url.Parse(pgURL)
+	if err != nil {
+		t.Fatalf("USERAPI_TEST_POSTGRES_URL: %v", err)
+	}
+	u.Path = "/" + name
+	pool, err := pgxpool.New(ctx, u.String())
+	if err != nil {
+		t.Fatalf("open %s: %v", name, err)
+	}
+	t.Cleanup(pool.Close)
+	return u.String(), pool
+}
+
+// startRedis checks that the configured Redis answers, then starts a
+// redis-server of the test's own on a free loopback port and returns its
+// URL. The service has no key prefix option, and its cache invalidation
+// messages and client-side-caching invalidations are per server, not per
+// database number, so only a server of its own isolates a test run.
+func startRedis(t *testing.T, configured string) string {
+	t.Helper()
+	if err := pingRedis(configured, 5*time.Second); err != nil {
+		t.Fatalf("USERAPI_TEST_REDIS_URL is set but Redis is unreachable: %v", err)
+	}
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		bin = "/usr/bin/redis-server"
+	}
+	port := freePorts(t, 1)[0]
+	cmd := exec.Command(bin, "--port", strconv.Itoa(port), "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--dir", t.TempDir(), "--daemonize", "no",
+		"--loglevel", "warning")
+	out := &strings.Builder{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start redis-server: %v", err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+	})
+	u := fmt.Sprintf("redis://127.0.0.1:%d/0", port)
+	if err := pingRedis(u, 5*time.Second); err != nil {
+		t.Fatalf("own redis-server on port %d: %v\n%s", port, err, out)
+	}
+	return u
+}
+
+// pingRedis retries PING until it succeeds or timeout passes.
+func pingRedis(redisURL string, timeout time.Duration) error {
+	opt, err := rueidis.ParseURL(redisURL)
+	if err != nil {
+		return err
+	}
+	opt.DisableCache = true
+	deadline := time.Now().Add(timeout)
+	for {
+		c, err := rueidis.NewClient(opt)
+		if err == nil {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			err = c.Do(ctx, c.B().Ping().Build()).Error()
+			cancel()
+			c.Close()
+			if err == nil {
+				return nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// freePorts returns n loopback ports that were free a moment ago.
+func freePorts(t *testing.T, n int) []int {
+	t.Helper()
+	ports := make([]int, n)
+	for i := range ports {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		ports[i] = ln.Addr().(*net.TCPAddr).Port
+	}
+	return ports
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// cluster is one scripts/cluster run: N instances behind nginx.
+type cluster struct {
+	t          *testing.T
+	dir        string
+	url        string // nginx
+	ports      []int  // instance i+1 listens on ports[i]
+	debugPorts []int
+	db         *pgxpool.Pool
+}
+
+// startCluster brings up n instances with the tiered cache over a fresh
+// database and Redis, behind nginx, and stops them when the test ends.
+// serveFlags are passed to every `userapi serve`.
+func startCluster(t *testing.T, n int, serveFlags ...string) *cluster {
+	t.Helper()
+	pgURL, redisURL := serverURLs(t)
+	bin := userapiBinary(t)
+	dbURL, pool := freshDatabase(t, pgURL)
+	redis := startRedis(t, redisURL)
+	ports := freePorts(t, 1+2*n)
+	c := &cluster{
+		t:          t,
+		dir:        t.TempDir(),
+		url:        fmt.Sprintf("http://127.0.0.1:%d", ports[0]),
+		ports:      ports[1 : 1+n],
+		debugPorts: ports[1+n:],
+		db:         pool,
+	}
+	args := []string{"up", strconv.Itoa(n),
+		"--bin", bin,
+		"--db", dbURL,
+		"--redis", redis,
+		"--cache", "tiered",
+		"--port", strconv.Itoa(ports[0]),
+		"--ports", joinInts(c.ports),
+		"--debug-ports", joinInts(c.debugPorts),
+	}
+	if nginx := os.Getenv("USERAPI_TEST_NGINX"); nginx != "" {
+		args = append(args, "--nginx", nginx)
+	}
+	// Debug-level request logs name each request's client address, which
+	// the forwarded-header test reads; the load tests write a few thousand
+	// lines, which costs little.
+	args = append(args, "--", "--log-level", "debug", "--log-format", "json")
+	args = append(args, serveFlags...)
+	t.Cleanup(func() {
+		if t.Failed() {
+			c.dumpLogs()
+		}
+		if err := c.script("down"); err != nil {
+			t.Errorf("scripts/cluster down: %v", err)
+		}
+	})
+	if err := c.script(args...); err != nil {
+		t.Fatalf("scripts/cluster up: %v", err)
+	}
+	return c
+}
+
+// script runs scripts/cluster with the cluster's run directory, bounded so
+// that a hung start fails the test instead of the whole run.
+func (c *cluster) script(args ...string) error {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	args = append([]string{args[0], "--dir", c.dir}, args[1:]...)
+	cmd := exec.CommandContext(ctx, filepath.Join(repoRoot, "scripts", "cluster"), args...)
+	// The script's children get their own log files and sessions; without
+	// WaitDelay an inherited pipe could keep Wait from returning.
+	cmd.WaitDelay = 5 * time.Second
+	start := time.Now()
+	out, err := cmd.CombinedOutput()
+	c.t.Logf("scripts/cluster %s (%v):\n%s", strings.Join(args, " "), time.Since(start).Round(time.Millisecond), out)
+	if err != nil {
+		return fmt.Errorf("%v: %s", err, out)
+	}
+	return nil
+}
+
+// dumpLogs logs the tail of every instance log and nginx's error log.
+func (c *cluster) dumpLogs() {
+	files, _ := filepath.Glob(filepath.Join(c.dir, "instance-*.log"))
+	files = append(files, filepath.Join(c.dir, "nginx", "error.log"))
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+		var keep []string
+		for _, l := range lines {
+			// The per-request debug lines would bury the interesting ones.
+			if !strings.Contains(l, `"msg":"request"`) {
+				keep = append(keep, l)
+			}
+		}
+		if len(keep) > 40 {
+			keep = keep[len(keep)-40:]
+		}
+		c.t.Logf("--- %s (last %d lines without request lines)\n%s", f, len(keep), strings.Join(keep, "\n"))
+	}
+}
+
+// instanceURL is the base URL of instance i (from 1), bypassing nginx.
+func (c *cluster) instanceURL(i int) string {
+	return fmt.Sprintf("http://127.0.0.1:%d", c.ports[i-1])
+}
+
+func joinInts(xs []int) string {
+	s := make([]string, len(xs))
+	for i, x := range xs {
+		s[i] = strconv.Itoa(x)
+	}
+	return strings.Join(s, ",")
+}
+
+// newClient returns a keep-alive HTTP client. Its timeout is above nginx's
+// bound on one request with its retries (proxy_next_upstream_timeout 10s
+// plus one read timeout).
+func newClient(conns int) *http.Client {
+	return &http.Client{
+		Transport: &http.Transport{
+			MaxIdleConnsPerHost: conns,
+			IdleConnTimeout:     30 * time.Second,
+			DisableCompression:  true,
+		},
+		Timeout: 20 * time.Second,
+	}
+}
+
+// dbUser is a users row as the checks compare it.
+type dbUser struct {
+	ID      int64
+	Email   string
+	Name    string
+	Version int64
+}
+
+// dbUsers reads every row of the test's database.
+func (c *cluster) dbUsers(ctx context.Context) (map[int64]dbUser, error) {
+	rows, err := c.db.Query(ctx, `
+		SELECT id,
+		       email,
+		       name,
+		       version
+		FROM users`)
+	if err != nil {
+		return nil, fmt.Errorf("select users: %w", err)
+	}
+	users, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (dbUser, error) {
+		var u dbUser
+		err := r.Scan(&u.ID, &u.Email, &u.Name, &u.Version)
+		return u, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("select users: %w", err)
+	}
+	m := make(map[int64]dbUser, len(users))
+	for _, u := range users {
+		m[u.ID] = u
+	}
+	return m, nil
+}
+
+// idempotencyKeys maps every stored Idempotency-Key to its user id.
+func (c *cluster) idempotencyKeys(ctx context.Context) (map[string]int64, error) {
+	rows, err := c.db.Query(ctx, `
+		SELECT key,
+		       user_id
+		FROM idempotency_keys`)
+	if err != nil {
+		return nil, fmt.Errorf("select idempotency keys: %w", err)
+	}
+	m := map[string]int64{}
+	var key string
+	var id int64
+	_, err = pgx.ForEachRow(rows, []any{&key, &id}, func() error {
+		m[key] = id
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("select idempotency keys: %w", err)
+	}
+	return m, nil
+}
