@@ -1,0 +1,355 @@
+package cache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/redis/rueidis"
+
+	"userapi"
+	"userapi/postgres"
+	"userapi/sqlite"
+)
+
+const (
+	envPostgres = "USERAPI_TEST_POSTGRES_URL"
+	envRedis    = "USERAPI_TEST_REDIS_URL"
+)
+
+func testContext(tb testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	tb.Cleanup(cancel)
+	return ctx
+}
+
+// newSQLite opens a fresh, migrated SQLite store in a temporary directory.
+func newSQLite(tb testing.TB) userapi.Store {
+	tb.Helper()
+	path := filepath.Join(tb.TempDir(), "users.db")
+	s, err := sqlite.Open(testContext(tb), "sqlite:"+path, sqlite.Options{Migrate: true})
+	if err != nil {
+		tb.Fatalf("sqlite.Open: %v", err)
+	}
+	tb.Cleanup(func() { s.Close() })
+	return s
+}
+
+// postgresURL returns $USERAPI_TEST_POSTGRES_URL, or "" when unset.
+func postgresURL() string { return os.Getenv(envPostgres) }
+
+// newPostgres opens a store on a schema of its own (dropped at cleanup) on
+// the server at $USERAPI_TEST_POSTGRES_URL. A schema is much cheaper to
+// create than a database, and as private.
+func newPostgres(tb testing.TB) userapi.Store {
+	tb.Helper()
+	base := postgresURL()
+	ctx := testContext(tb)
+	admin, err := pgx.Connect(ctx, base)
+	if err != nil {
+		tb.Fatalf("%s=%s is set but unreachable: %v", envPostgres, base, err)
+	}
+	defer admin.Close(ctx)
+	schema := fmt.Sprintf("cache_test_%016x", rand.Uint64())
+	if _, err := admin.Exec(ctx, "CREATE SCHEMA "+schema); err != nil {
+		tb.Fatalf("create schema: %v", err)
+	}
+	tb.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		admin, err := pgx.Connect(ctx, base)
+		if err != nil {
+			tb.Errorf("drop schema %s: %v", schema, err)
+			return
+		}
+		defer admin.Close(ctx)
+		if _, err := admin.Exec(ctx, "DROP SCHEMA "+schema+" CASCADE"); err != nil {
+			tb.Errorf("drop schema %s: %v", schema, err)
+		}
+	})
+	u, err := url.Parse(base)
+	if err != nil {
+		tb.Fatalf("%s: %v", envPostgres, err)
+	}
+	q := u.Query()
+	q.Set("search_path", schema)
+	u.RawQuery = q.Encode()
+	s, err := postgres.Open(ctx, u.String(), postgres.Options{Migrate: true, MaxConns: 8})
+	if err != nil {
+		tb.Fatalf("postgres.Open: %v", err)
+	}
+	tb.Cleanup(func() { s.Close() })
+	return s
+}
+
+// redisURL returns $USERAPI_TEST_REDIS_URL, or "" when unset.
+func redisURL() string { return os.Getenv(envRedis) }
+
+// needRedis skips when no Redis is configured and fails when one is
+// configured but unreachable.
+func needRedis(tb testing.TB) string {
+	tb.Helper()
+	u := redisURL()
+	if u == "" {
+		tb.Skipf("%s is not set; set it (e.g. redis://127.0.0.1:6379/0) to run the Redis tests", envRedis)
+	}
+	opt, err := rueidis.ParseURL(u)
+	if err != nil {
+		tb.Fatalf("%s: %v", envRedis, err)
+	}
+	c, err := rueidis.NewClient(opt)
+	if err != nil {
+		tb.Fatalf("%s=%s is set but unreachable: %v", envRedis, u, err)
+	}
+	c.Close()
+	return u
+}
+
+// testPrefix is a Redis key prefix no other test run uses.
+func testPrefix() string { return fmt.Sprintf("userapi-test:%016x:", rand.Uint64()) }
+
+// newCache makes a cache over store, closed at cleanup. The config's key
+// prefix and Redis URL are filled in when empty.
+func newCache(tb testing.TB, store userapi.Store, cfg Config) *Store {
+	tb.Helper()
+	if cfg.KeyPrefix == "" {
+		cfg.KeyPrefix = testPrefix()
+	}
+	if cfg.Mode.hasRedis() && cfg.RedisURL == "" && cfg.Redis == nil {
+		cfg.RedisURL = needRedis(tb)
+	}
+	c, err := New(testContext(tb), store, cfg)
+	if err != nil {
+		tb.Fatalf("cache.New: %v", err)
+	}
+	tb.Cleanup(func() { c.Close() })
+	return c
+}
+
+// hookStore wraps a store, counts its reads, and lets a test intercept
+// them.
+type hookStore struct {
+	userapi.Store
+	getUser, getUsers atomic.Int64
+	mu                sync.Mutex
+	batches           []int // sizes of GetUsers calls
+	// afterRead, when set, runs after the underlying read returned and
+	// before the result goes back to the cache; it may block or change the
+	// result.
+	afterRead func(ids []int64, users []*userapi.User, err error) ([]*userapi.User, error)
+	down      atomic.Bool // every call fails with ErrUnavailable
+}
+
+func (h *hookStore) reads() int64 { return h.getUser.Load() + h.getUsers.Load() }
+
+func (h *hookStore) hook() func([]int64, []*userapi.User, error) ([]*userapi.User, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.afterRead
+}
+
+func (h *hookStore) setHook(f func([]int64, []*userapi.User, error) ([]*userapi.User, error)) {
+	h.mu.Lock()
+	h.afterRead = f
+	h.mu.Unlock()
+}
+
+var errDown = fmt.Errorf("%w: database down (test)", userapi.ErrUnavailable)
+
+func (h *hookStore) GetUser(ctx context.Context, id int64) (*userapi.User, error) {
+	h.getUser.Add(1)
+	if h.down.Load() {
+		return nil, errDown
+	}
+	u, err := h.Store.GetUser(ctx, id)
+	if f := h.hook(); f != nil {
+		var us []*userapi.User
+		if u != nil {
+			us = []*userapi.User{u}
+		}
+		if errors.Is(err, userapi.ErrNotFound) {
+			err = nil
+		}
+		us, err = f([]int64{id}, us, err)
+		if err == nil && len(us) == 0 {
+			return nil, userapi.ErrNotFound
+		}
+		if err != nil {
+			return nil, err
+		}
+		return us[0], nil
+	}
+	return u, err
+}
+
+func (h *hookStore) GetUsers(ctx context.Context, ids []int64) ([]*userapi.User, error) {
+	h.getUsers.Add(1)
+	h.mu.Lock()
+	h.batches = append(h.batches, len(ids))
+	h.mu.Unlock()
+	if h.down.Load() {
+		return nil, errDown
+	}
+	us, err := h.Store.GetUsers(ctx, ids)
+	if f := h.hook(); f != nil {
+		return f(ids, us, err)
+	}
+	return us, err
+}
+
+func (h *hookStore) batchSizes() []int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]int(nil), h.batches...)
+}
+
+func (h *hookStore) CreateUser(ctx context.Context, in userapi.UserCreate) (*userapi.User, bool, error) {
+	if h.down.Load() {
+		return nil, false, errDown
+	}
+	return h.Store.CreateUser(ctx, in)
+}
+
+func (h *hookStore) UpdateUser(ctx context.Context, id int64, upd userapi.UserUpdate) (*userapi.User, error) {
+	if h.down.Load() {
+		return nil, errDown
+	}
+	return h.Store.UpdateUser(ctx, id, upd)
+}
+
+func (h *hookStore) DeleteUser(ctx context.Context, id int64, ifVersion int64) error {
+	if h.down.Load() {
+		return errDown
+	}
+	return h.Store.DeleteUser(ctx, id, ifVersion)
+}
+
+func mustCreate(tb testing.TB, s userapi.Store, email string) *userapi.User {
+	tb.Helper()
+	in := userapi.UserCreate{Email: email, Name: "Test " + email}
+	if err := in.Validate(); err != nil {
+		tb.Fatal(err)
+	}
+	u, _, err := s.CreateUser(testContext(tb), in)
+	if err != nil {
+		tb.Fatalf("CreateUser(%q): %v", email, err)
+	}
+	return u
+}
+
+func rename(tb testing.TB, s userapi.Store, id int64, name string) *userapi.User {
+	tb.Helper()
+	u, err := s.UpdateUser(testContext(tb), id, userapi.UserUpdate{Name: &name})
+	if err != nil {
+		tb.Fatalf("UpdateUser(%d): %v", id, err)
+	}
+	return u
+}
+
+// version reads id through the cache: its version, or 0 when absent.
+func version(tb testing.TB, c *Store, id int64) int64 {
+	tb.Helper()
+	e, err := c.GetUserEncoded(testContext(tb), id)
+	if errors.Is(err, userapi.ErrNotFound) {
+		return 0
+	}
+	if err != nil {
+		tb.Fatalf("GetUserEncoded(%d): %v", id, err)
+	}
+	return e.Version
+}
+
+// eventually polls cond every millisecond until it holds or d passes.
+func eventually(tb testing.TB, d time.Duration, what string, cond func() bool) {
+	tb.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			tb.Fatalf("after %v: %s", d, what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// value reads a counter or gauge.
+func value(c prometheus.Collector) float64 { return testutil.ToFloat64(c) }
+
+// redisServer is a redis-server of the test's own, on a free port, without
+// persistence, so a test can stop, pause and restart it.
+type redisServer struct {
+	tb   testing.TB
+	port int
+	cmd  *exec.Cmd
+}
+
+func startRedis(tb testing.TB) *redisServer {
+	tb.Helper()
+	needRedis(tb) // the Redis tests are enabled
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		tb.Fatalf("redis-server not found: %v", err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	r := &redisServer{tb: tb, port: port}
+	r.start()
+	tb.Cleanup(r.stop)
+	return r
+}
+
+func (r *redisServer) url() string { return "redis://127.0.0.1:" + strconv.Itoa(r.port) + "/0" }
+
+func (r *redisServer) start() {
+	r.tb.Helper()
+	r.cmd = exec.Command("redis-server", "--port", strconv.Itoa(r.port), "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--dir", r.tb.TempDir(), "--loglevel", "warning")
+	if err := r.cmd.Start(); err != nil {
+		r.tb.Fatalf("start redis-server: %v", err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		c, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(r.port))
+		if err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			r.tb.Fatalf("redis-server on %d did not start: %v", r.port, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// stop kills the server (as a crash would) and waits for it to exit.
+func (r *redisServer) stop() {
+	if r.cmd == nil || r.cmd.Process == nil {
+		return
+	}
+	r.cmd.Process.Signal(syscall.SIGCONT) // in case it is paused
+	r.cmd.Process.Kill()
+	r.cmd.Wait()
+	r.cmd = nil
+}
+
+// pause stops the server's process without closing its connections: Redis
+// is there but does not answer, as in a stall or a network partition.
+func (r *redisServer) pause()  { r.cmd.Process.Signal(syscall.SIGSTOP) }
+func (r *redisServer) resume() { r.cmd.Process.Signal(syscall.SIGCONT) }

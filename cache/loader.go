@@ -1,0 +1,223 @@
+package cache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"userapi"
+)
+
+// loader turns misses into database reads: concurrent misses of one id
+// share one call (coalescing), and calls queued while the workers are busy
+// are loaded together by one store.GetUsers (batching).
+//
+// There is no timer: a worker that is free takes the first queued call at
+// once and only adds the calls that are already waiting, so an idle system
+// loads a miss immediately, and under load a batch is whatever queued while
+// the previous loads ran. The in-flight table plays the role of
+// x/sync/singleflight, but is also the batch queue's index, so a waiting
+// caller costs no goroutine of its own.
+type loader struct {
+	s        *Store
+	maxBatch int
+	timeout  time.Duration
+
+	mu       sync.Mutex
+	inflight map[int64]*call
+
+	queue   chan *call
+	done    chan struct{} // closed by stop
+	workers sync.WaitGroup
+}
+
+// call is one id's load, shared by every caller that asked for the id while
+// it was in flight.
+type call struct {
+	id   int64
+	done chan struct{} // closed when the result is set
+
+	user *userapi.User // result: the row, or
+	enc  userapi.Encoded
+	err  error // ErrNotFound, or the load's error
+}
+
+// queueLen bounds the calls waiting for a worker. Calls beyond it wait in
+// load (bounded by their context) rather than grow memory without limit.
+const queueLen = 16384
+
+func newLoader(s *Store, workers, maxBatch int, timeout time.Duration) *loader {
+	l := &loader{
+		s:        s,
+		maxBatch: maxBatch,
+		timeout:  timeout,
+		inflight: make(map[int64]*call),
+		queue:    make(chan *call, queueLen),
+		done:     make(chan struct{}),
+	}
+	for range workers {
+		l.workers.Go(l.work)
+	}
+	return l
+}
+
+// load returns the finished call for id, joining one in flight if there is
+// one. It fails only with ctx's end (wrapped as ErrUnavailable, since the
+// database did not answer in time) or after stop; the load's own outcome is
+// in the call.
+func (l *loader) load(ctx context.Context, id int64) (*call, error) {
+	l.mu.Lock()
+	c, joined := l.inflight[id]
+	if !joined {
+		c = &call{id: id, done: make(chan struct{})}
+		l.inflight[id] = c
+	}
+	l.mu.Unlock()
+	if joined {
+		l.s.m.coalesced.Inc()
+	} else {
+		select {
+		case l.queue <- c:
+		case <-l.done:
+			l.finish([]*call{c}, errClosed)
+		case <-ctx.Done():
+			// Others may have joined c: they get the same error, which
+			// is as true for them (the database is overloaded).
+			l.finish([]*call{c}, fmt.Errorf("%w: load queue full: %w", userapi.ErrUnavailable, ctx.Err()))
+		}
+	}
+	select {
+	case <-c.done:
+		return c, nil
+	case <-ctx.Done():
+		return nil, fmt.Errorf("get user %d: %w: %w", id, userapi.ErrUnavailable, ctx.Err())
+	}
+}
+
+var errClosed = fmt.Errorf("%w: cache closed", userapi.ErrUnavailable)
+
+// forget detaches id's call in flight, if any, so that a read that starts
+// after a write does not join a load that may have read the row before it.
+// The detached call still completes for the callers it has.
+func (l *loader) forget(id int64) {
+	l.mu.Lock()
+	delete(l.inflight, id)
+	l.mu.Unlock()
+}
+
+// work takes the first queued call, adds the ones already waiting (up to
+// maxBatch), and loads them with one store.GetUsers.
+func (l *loader) work() {
+	batch := make([]*call, 0, l.maxBatch)
+	ids := make([]int64, 0, l.maxBatch)
+	for {
+		select {
+		case c := <-l.queue:
+			batch = append(batch[:0], c)
+		case <-l.done:
+			l.drain()
+			return
+		}
+	fill:
+		for len(batch) < l.maxBatch {
+			select {
+			case c := <-l.queue:
+				batch = append(batch, c)
+			default:
+				break fill
+			}
+		}
+		ids = ids[:0]
+		for _, c := range batch {
+			ids = append(ids, c.id)
+		}
+		l.s.m.batchSize.Observe(float64(len(batch)))
+		st, start := l.s.state.Load(), time.Now()
+		ctx, cancel := context.WithTimeout(l.s.ctx, l.timeout)
+		users, err := l.s.store.GetUsers(ctx, ids)
+		cancel()
+		if err != nil {
+			l.s.m.loadErrors.Inc()
+			if errors.Is(err, context.Canceled) && l.s.ctx.Err() != nil {
+				err = errClosed
+			}
+		} else {
+			l.s.m.loads.Inc()
+		}
+		// Fill before waking the callers, so that a read that follows a
+		// finished read finds the entry.
+		rows := setResults(batch, users, err)
+		if err == nil {
+			l.s.fill(rows, st, start)
+		}
+		l.complete(batch)
+	}
+}
+
+// finish ends calls with err.
+func (l *loader) finish(batch []*call, err error) {
+	setResults(batch, nil, err)
+	l.complete(batch)
+}
+
+// setResults sets each call's result from users (ids not among them are
+// absent) or err, and returns the results for filling the tiers.
+func setResults(batch []*call, users []*userapi.User, err error) []loaded {
+	var rows []loaded
+	if err == nil {
+		byID := make(map[int64]*userapi.User, len(users))
+		for _, u := range users {
+			byID[u.ID] = u
+		}
+		rows = make([]loaded, 0, len(batch))
+		for _, c := range batch {
+			if u, ok := byID[c.id]; ok {
+				c.user, c.enc = u, u.Encode()
+				rows = append(rows, loaded{id: c.id, enc: &c.enc})
+			} else {
+				c.err = userapi.ErrNotFound
+				rows = append(rows, loaded{id: c.id})
+			}
+		}
+	} else {
+		for _, c := range batch {
+			c.err = err
+		}
+	}
+	return rows
+}
+
+// complete removes the calls from the in-flight table and wakes their
+// callers.
+func (l *loader) complete(batch []*call) {
+	l.mu.Lock()
+	for _, c := range batch {
+		if l.inflight[c.id] == c {
+			delete(l.inflight, c.id)
+		}
+	}
+	l.mu.Unlock()
+	for _, c := range batch {
+		close(c.done)
+	}
+}
+
+// drain fails the calls still queued at stop.
+func (l *loader) drain() {
+	for {
+		select {
+		case c := <-l.queue:
+			l.finish([]*call{c}, errClosed)
+		default:
+			return
+		}
+	}
+}
+
+// stop ends the workers; calls still queued fail with an ErrUnavailable.
+func (l *loader) stop() {
+	close(l.done)
+	l.workers.Wait()
+}

@@ -1,0 +1,153 @@
+package cache
+
+import (
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"github.com/maypok86/otter/v2"
+)
+
+// kind is what an entry says about its id.
+type kind uint8
+
+const (
+	kindValue     kind = iota + 1 // the row, encoded, at version
+	kindAbsent                    // no such row (negative entry); version 0
+	kindTombstone                 // versions below version are stale; never served
+)
+
+// entry is one cached id, in either tier. It is immutable once installed.
+type entry struct {
+	kind    kind
+	version int64
+	json    []byte        // kindValue only
+	epoch   uint64        // local tier: the channel epoch its data was read in
+	ttl     time.Duration // lifetime from installation
+}
+
+// entryOverhead approximates an entry's memory beyond its JSON: the entry
+// struct, the slice header, otter's node and its hash-table slot.
+const entryOverhead = 128
+
+// fillResult is the outcome of a version-guarded fill.
+type fillResult int
+
+const (
+	fillInstalled fillResult = iota
+	fillStale                // the tier holds a newer version or a tombstone that rejects it
+	fillUnchanged            // the tier already holds the same
+	fillSkipped              // the channel epoch changed since the read, or the tier is unusable
+)
+
+// admit decides a fill of e over old, the same rule in both tiers (Redis
+// runs it as the fill script):
+//   - a value is rejected by a tombstone or value of a higher version, and
+//     replaces anything else (an absence is older than any value: an id
+//     that is deleted gets a poison tombstone first, and a fill is dropped
+//     long before that tombstone expires);
+//   - an absence is accepted only where nothing is cached: a tombstone or
+//     value means the id existed after the absence was read.
+//
+// stale reports that old is a local entry of a dead epoch, which is no
+// longer served and is replaced by an equal one.
+func admit(old, e *entry, stale bool) fillResult {
+	if old == nil {
+		return fillInstalled
+	}
+	switch e.kind {
+	case kindValue:
+		switch {
+		case old.kind == kindAbsent:
+			return fillInstalled
+		case e.version < old.version:
+			return fillStale
+		case e.version == old.version && old.kind == kindValue && !stale:
+			return fillUnchanged
+		}
+		return fillInstalled
+	case kindAbsent:
+		switch {
+		case old.kind != kindAbsent:
+			return fillStale
+		case stale:
+			return fillInstalled
+		}
+		return fillUnchanged
+	}
+	panic(fmt.Sprintf("cache: admit of kind %d", e.kind))
+}
+
+// localTier is the in-process tier: an otter cache of entries by id,
+// bounded by bytes.
+type localTier struct {
+	c *otter.Cache[int64, *entry]
+}
+
+func newLocalTier(maxBytes int64) (*localTier, error) {
+	c, err := otter.New(&otter.Options[int64, *entry]{
+		MaximumWeight: uint64(maxBytes),
+		// Tombstones weigh nothing, so size pressure never evicts one
+		// before it has done its job (guarding against stale fills); they
+		// are few (one per write in the last TombstoneTTL) and small.
+		Weigher: func(_ int64, e *entry) uint32 {
+			if e.kind == kindTombstone {
+				return 0
+			}
+			return uint32(entryOverhead + len(e.json))
+		},
+		ExpiryCalculator: otter.ExpiryWritingFunc(func(e otter.Entry[int64, *entry]) time.Duration {
+			return e.Value.ttl
+		}),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("local tier: %w", err)
+	}
+	return &localTier{c: c}, nil
+}
+
+func (l *localTier) get(id int64) (*entry, bool) { return l.c.GetIfPresent(id) }
+
+// fill installs e if admit allows and the channel epoch is still e.epoch
+// and up; the check and the write are one atomic step (otter's Compute
+// holds the key's bucket lock), so a tombstone or an epoch change that
+// lands first always wins.
+func (l *localTier) fill(id int64, e *entry, state *atomic.Uint64) fillResult {
+	res := fillSkipped
+	l.c.Compute(id, func(old *entry, found bool) (*entry, otter.ComputeOp) {
+		cur := state.Load()
+		if cur != e.epoch || cur&1 == 0 {
+			res = fillSkipped
+			return old, otter.CancelOp
+		}
+		if !found {
+			old = nil
+		}
+		res = admit(old, e, found && old.kind != kindTombstone && old.epoch != cur)
+		if res != fillInstalled {
+			return old, otter.CancelOp
+		}
+		return e, otter.WriteOp
+	})
+	return res
+}
+
+// tombstone makes the tier reject fills of id below version, for ttl,
+// unless it already holds that version or a newer one.
+func (l *localTier) tombstone(id, version int64, ttl time.Duration) {
+	t := &entry{kind: kindTombstone, version: version, ttl: ttl}
+	l.c.Compute(id, func(old *entry, found bool) (*entry, otter.ComputeOp) {
+		if found && old.kind != kindAbsent && old.version >= version {
+			return old, otter.CancelOp
+		}
+		return t, otter.WriteOp
+	})
+}
+
+// flush drops every entry. It is called when the notice channel comes
+// back, so it may drop tombstones too: fills that they would have rejected
+// were started in an earlier epoch and are rejected for that.
+func (l *localTier) flush() { l.c.InvalidateAll() }
+
+// bytes is the weight of the entries held.
+func (l *localTier) bytes() uint64 { return l.c.WeightedSize() }

@@ -1,0 +1,122 @@
+package cache
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics are the cache's collectors, resolved to plain counters up front so
+// the hot path does no label lookups.
+type metrics struct {
+	lookups *prometheus.CounterVec
+	fills   *prometheus.CounterVec
+
+	localHit, localNegHit, localMiss, localBypass           prometheus.Counter
+	redisHit, redisNegHit, redisMiss, redisError, redisSkip prometheus.Counter
+
+	fillLocalInstalled, fillLocalStale, fillLocalUnchanged, fillLocalSkipped prometheus.Counter
+	fillRedisInstalled, fillRedisStale, fillRedisUnchanged, fillRedisSkipped prometheus.Counter
+	fillLate                                                                 prometheus.Counter
+
+	coalesced         prometheus.Counter
+	batchSize         prometheus.Histogram
+	loads, loadErrors prometheus.Counter
+
+	breakerState prometheus.Gauge
+	channelUp    prometheus.Gauge
+
+	invSent, invReceived, invFailed prometheus.Counter
+}
+
+func newMetrics() *metrics {
+	m := &metrics{
+		lookups: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "userapi_cache_lookups_total",
+			Help: "Cache lookups by tier and result: hit, negative_hit (a cached absence), miss, error, or bypass/skip (tier not usable: local while the notice channel is down, redis while unhealthy or the id has an invalidation pending).",
+		}, []string{"tier", "result"}),
+		fills: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "userapi_cache_fills_total",
+			Help: "Version-guarded fills by tier and result: installed, stale (rejected: the tier holds a newer version or a write's tombstone), unchanged, skipped (tier unusable or the channel epoch changed), late (the read was too old to fill).",
+		}, []string{"tier", "result"}),
+		coalesced: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "userapi_cache_coalesced_waiters_total",
+			Help: "Misses that joined a load of the same id already in flight instead of querying the database.",
+		}),
+		batchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "userapi_cache_batch_size",
+			Help:    "Ids per database load (store.GetUsers) of the loader.",
+			Buckets: []float64{1, 2, 4, 8, 16, 32, 64, 128, 256, 512},
+		}),
+		loads: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "userapi_cache_loads_total",
+			Help: "Database loads (store.GetUsers calls) made by the loader.",
+		}),
+		loadErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "userapi_cache_load_errors_total",
+			Help: "Database loads of the loader that failed.",
+		}),
+		breakerState: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "userapi_cache_redis_breaker_state",
+			Help: "Redis circuit breaker: 0 closed (Redis in use), 1 half-open, 2 open (failing open to the database).",
+		}),
+		channelUp: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "userapi_cache_notice_channel_up",
+			Help: "1 while the invalidation channel is subscribed and our heartbeats come back; while 0 the local tier is bypassed.",
+		}),
+		invSent: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "userapi_cache_invalidations_sent_total",
+			Help: "Write invalidations applied to Redis (tombstone and notice).",
+		}),
+		invReceived: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "userapi_cache_invalidations_received_total",
+			Help: "Invalidation notices received on the channel (including our own).",
+		}),
+		invFailed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "userapi_cache_invalidations_failed_total",
+			Help: "Write invalidations that Redis did not take at once; they are remembered and applied before Redis is read again.",
+		}),
+	}
+	l, r := "local", "redis"
+	m.localHit = m.lookups.WithLabelValues(l, "hit")
+	m.localNegHit = m.lookups.WithLabelValues(l, "negative_hit")
+	m.localMiss = m.lookups.WithLabelValues(l, "miss")
+	m.localBypass = m.lookups.WithLabelValues(l, "bypass")
+	m.redisHit = m.lookups.WithLabelValues(r, "hit")
+	m.redisNegHit = m.lookups.WithLabelValues(r, "negative_hit")
+	m.redisMiss = m.lookups.WithLabelValues(r, "miss")
+	m.redisError = m.lookups.WithLabelValues(r, "error")
+	m.redisSkip = m.lookups.WithLabelValues(r, "skip")
+	m.fillLocalInstalled = m.fills.WithLabelValues(l, "installed")
+	m.fillLocalStale = m.fills.WithLabelValues(l, "stale")
+	m.fillLocalUnchanged = m.fills.WithLabelValues(l, "unchanged")
+	m.fillLocalSkipped = m.fills.WithLabelValues(l, "skipped")
+	m.fillRedisInstalled = m.fills.WithLabelValues(r, "installed")
+	m.fillRedisStale = m.fills.WithLabelValues(r, "stale")
+	m.fillRedisUnchanged = m.fills.WithLabelValues(r, "unchanged")
+	m.fillRedisSkipped = m.fills.WithLabelValues(r, "skipped")
+	m.fillLate = m.fills.WithLabelValues("any", "late")
+	return m
+}
+
+// register adds the collectors, and gauges read from s, to reg (if any).
+func (m *metrics) register(s *Store, reg prometheus.Registerer) {
+	if reg == nil {
+		return
+	}
+	reg.MustRegister(m.lookups, m.fills, m.coalesced, m.batchSize, m.loads, m.loadErrors,
+		m.invSent, m.invReceived, m.invFailed)
+	if s.redis != nil {
+		reg.MustRegister(m.breakerState, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "userapi_cache_invalidations_pending",
+			Help: "Invalidations waiting for Redis to come back.",
+		}, func() float64 { return float64(s.redis.npending.Load()) }))
+	}
+	if s.redis != nil && s.local != nil {
+		reg.MustRegister(m.channelUp)
+	}
+	if s.local != nil {
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "userapi_cache_local_bytes",
+			Help: "Weight of the local tier's entries (JSON plus per-entry overhead), bounded by the configured budget.",
+		}, func() float64 { return float64(s.local.bytes()) }))
+	}
+}

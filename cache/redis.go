@@ -1,0 +1,660 @@
+package cache
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha1"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/failsafe-go/failsafe-go/circuitbreaker"
+	"github.com/redis/rueidis"
+)
+
+// Redis values are a small header, the kind and the version, then the JSON:
+//
+//	v42|{"id":7,...}   the row at version 42
+//	n0|                the id does not exist
+//	t43|               versions below 43 are stale (a write's tombstone)
+//
+// The scripts below read the header to guard fills by version, the same
+// rule as admit. Versions are compared as Lua numbers (doubles): exact up to
+// 2^53, and poisonVersion is a power of two.
+
+// fillScript installs a fill unless the key holds something that rejects it.
+// KEYS[1] key; ARGV[1] the value; ARGV[2] its version; ARGV[3] TTL in ms.
+// Returns 1 installed, 0 stale, 2 unchanged.
+const fillScript = `
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local k = string.sub(cur, 1, 1)
+  local sep = string.find(cur, '|', 2, true)
+  local cv = tonumber(string.sub(cur, 2, sep - 1))
+  local v = tonumber(ARGV[2])
+  if string.sub(ARGV[1], 1, 1) == 'n' then
+    if k == 'n' then return 2 end
+    return 0
+  end
+  if k == 'v' and cv == v then return 2 end
+  if k ~= 'n' and v < cv then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+`
+
+// invalidateScript installs a write's tombstone unless the key already
+// holds that version or a newer one, and publishes the notice, in one round
+// trip and atomically: an instance that sees the notice finds the tombstone.
+// KEYS[1] key; ARGV[1] the tombstone; ARGV[2] its version; ARGV[3] TTL in
+// ms; ARGV[4] the channel (empty for none); ARGV[5] the notice.
+// Returns 1 installed, 0 kept.
+const invalidateScript = `
+local cur = redis.call('GET', KEYS[1])
+local set = 1
+if cur then
+  local sep = string.find(cur, '|', 2, true)
+  if string.sub(cur, 1, 1) ~= 'n' and tonumber(string.sub(cur, 2, sep - 1)) >= tonumber(ARGV[2]) then
+    set = 0
+  end
+end
+if set == 1 then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]) end
+if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+return set
+`
+
+// Notices on the channel: "i:<id>:<version>" an invalidation, "h:<nonce>"
+// a heartbeat (each instance listens for its own), "g:<gen>" a new key
+// generation.
+
+// redisTier is the shared tier. It is usable only while Redis answers and
+// every invalidation this instance could not deliver has been applied:
+// until then reads and fills skip it.
+type redisTier struct {
+	s       *Store
+	opt     *rueidis.ClientOption // nil when the client was injected
+	box     atomic.Pointer[clientBox]
+	timeout time.Duration
+
+	channel string // notices; "" in redis mode (no local tiers to notify)
+	genKey  string
+	gen     atomic.Int64
+	keys    atomic.Pointer[string] // key prefix of the current generation
+	nonce   string                 // tells our heartbeats from others'
+
+	fill1, inval *rueidis.Lua
+	fillSHA      string
+
+	cb     circuitbreaker.CircuitBreaker[any]
+	usable atomic.Bool
+	wake   chan struct{}
+
+	// Invalidations not yet applied to Redis: id → highest version.
+	pmu        sync.Mutex
+	pending    map[int64]int64
+	npending   atomic.Int64
+	overflowed atomic.Bool // pending hit PendingMax: drop the namespace
+
+	beat     chan struct{} // our own heartbeat came back
+	lastBeat atomic.Int64  // unix nanoseconds
+}
+
+type clientBox struct {
+	c   rueidis.Client
+	own bool
+}
+
+func newRedisTier(s *Store, client rueidis.Client, opt *rueidis.ClientOption) *redisTier {
+	p := s.cfg.KeyPrefix
+	r := &redisTier{
+		s:       s,
+		opt:     opt,
+		timeout: s.cfg.RedisTimeout,
+		genKey:  p + "gen",
+		nonce:   strconv.FormatUint(rand.Uint64(), 36),
+		fill1:   rueidis.NewLuaScript(fillScript),
+		inval:   rueidis.NewLuaScript(invalidateScript),
+		pending: make(map[int64]int64),
+		wake:    make(chan struct{}, 1),
+		beat:    make(chan struct{}, 1),
+	}
+	sum := sha1.Sum([]byte(fillScript))
+	r.fillSHA = hex.EncodeToString(sum[:])
+	if s.cfg.Mode == ModeTiered {
+		r.channel = p + "notices"
+	}
+	r.setGen(0)
+	if client != nil {
+		r.box.Store(&clientBox{c: client})
+	}
+	// Five failures among the last ten calls: one timeout is noise, half
+	// of the calls failing means Redis is sick and costs every request its
+	// timeout. Recovery is not left to half-open trial calls: recover
+	// probes and applies the pending invalidations first.
+	r.cb = circuitbreaker.NewBuilder[any]().
+		WithFailureThresholdRatio(5, 10).
+		WithDelay(s.cfg.probeInterval).
+		OnStateChanged(func(e circuitbreaker.StateChangedEvent) {
+			s.m.breakerState.Set(breakerGauge(e.NewState))
+		}).
+		Build()
+	r.cb.Open() // until the first probe succeeds
+	return r
+}
+
+func breakerGauge(st circuitbreaker.State) float64 {
+	switch st {
+	case circuitbreaker.OpenState:
+		return 2
+	case circuitbreaker.HalfOpenState:
+		return 1
+	}
+	return 0
+}
+
+// start connects (once, synchronously, so a healthy Redis is in use when
+// New returns) and starts the recovery loop and, in tiered mode, the notice
+// channel.
+func (r *redisTier) start() {
+	r.recover()
+	r.s.wg.Go(r.maintain)
+	if r.channel == "" {
+		return
+	}
+	r.s.wg.Go(r.subscribeLoop)
+	// Give the channel a moment to come up so the local tier serves from
+	// the first request; if Redis is away it comes up later.
+	deadline := time.Now().Add(time.Second)
+	for r.s.state.Load()&1 == 0 && time.Now().Before(deadline) && r.box.Load() != nil {
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func (r *redisTier) close() {
+	if b := r.box.Load(); b != nil && b.own {
+		b.c.Close()
+	}
+}
+
+func (r *redisTier) client() rueidis.Client {
+	if b := r.box.Load(); b != nil {
+		return b.c
+	}
+	return nil
+}
+
+func (r *redisTier) setGen(g int64) {
+	r.gen.Store(g)
+	k := r.s.cfg.KeyPrefix + "u:" + strconv.FormatInt(g, 10) + ":"
+	r.keys.Store(&k)
+}
+
+func (r *redisTier) key(id int64) string {
+	return *r.keys.Load() + strconv.FormatInt(id, 10)
+}
+
+// readable reports whether id may be read from (or filled into) Redis: the
+// tier is healthy and no invalidation of id is waiting to be applied.
+func (r *redisTier) readable(id int64) bool {
+	if !r.usable.Load() || r.overflowed.Load() {
+		return false
+	}
+	if r.npending.Load() == 0 {
+		return true
+	}
+	r.pmu.Lock()
+	_, ok := r.pending[id]
+	r.pmu.Unlock()
+	return !ok
+}
+
+// succeeded and failed feed the breaker. A caller that went away is not
+// Redis's failure.
+func (r *redisTier) succeeded() { r.cb.RecordSuccess() }
+
+func (r *redisTier) failed(err error) {
+	if errors.Is(err, context.Canceled) {
+		return
+	}
+	r.cb.RecordFailure()
+	if r.cb.IsOpen() && r.usable.CompareAndSwap(true, false) {
+		r.s.log.Warn("redis unhealthy, failing open to the database", "err", err)
+		r.poke()
+	}
+}
+
+func (r *redisTier) poke() {
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
+}
+
+// get reads id's entry; nil when Redis has none.
+func (r *redisTier) get(ctx context.Context, id int64) (*entry, error) {
+	c := r.client()
+	ctx, cancel := context.WithTimeout(ctx, r.timeout)
+	b, err := c.Do(ctx, c.B().Get().Key(r.key(id)).Build()).AsBytes()
+	cancel()
+	if err != nil {
+		if rueidis.IsRedisNil(err) {
+			r.succeeded()
+			return nil, nil
+		}
+		r.failed(err)
+		return nil, fmt.Errorf("redis get %d: %w", id, err)
+	}
+	r.succeeded()
+	e, err := decodeEntry(b)
+	if err != nil {
+		return nil, fmt.Errorf("redis get %d: %w", id, err)
+	}
+	return e, nil
+}
+
+func encodeEntry(e *entry) string {
+	var b strings.Builder
+	b.Grow(24 + len(e.json))
+	switch e.kind {
+	case kindValue:
+		b.WriteByte('v')
+	case kindAbsent:
+		b.WriteByte('n')
+	default:
+		b.WriteByte('t')
+	}
+	b.WriteString(strconv.FormatInt(e.version, 10))
+	b.WriteByte('|')
+	b.Write(e.json)
+	return b.String()
+}
+
+// decodeEntry parses a Redis value. The JSON aliases b.
+func decodeEntry(b []byte) (*entry, error) {
+	sep := bytes.IndexByte(b, '|')
+	if len(b) < 2 || sep < 2 {
+		return nil, fmt.Errorf("malformed cache value %.20q", b)
+	}
+	v, err := strconv.ParseInt(string(b[1:sep]), 10, 64)
+	if err != nil {
+		return nil, fmt.Errorf("malformed cache value %.20q", b)
+	}
+	e := &entry{version: v}
+	switch b[0] {
+	case 'v':
+		e.kind, e.json = kindValue, b[sep+1:]
+	case 'n':
+		e.kind = kindAbsent
+	case 't':
+		e.kind = kindTombstone
+	default:
+		return nil, fmt.Errorf("malformed cache value %.20q", b)
+	}
+	return e, nil
+}
+
+// fill installs database results, each guarded by fillScript, in one
+// pipelined round trip.
+func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry) {
+	m := r.s.m
+	cmds := make(rueidis.Commands, 0, len(ids))
+	idx := make([]int, 0, len(ids))
+	c := r.client()
+	for i, id := range ids {
+		if !r.readable(id) {
+			m.fillRedisSkipped.Inc()
+			continue
+		}
+		e := entries[i]
+		cmds = append(cmds, c.B().Evalsha().Sha1(r.fillSHA).Numkeys(1).Key(r.key(id)).
+			Arg(encodeEntry(e), strconv.FormatInt(e.version, 10), strconv.FormatInt(e.ttl.Milliseconds(), 10)).Build())
+		idx = append(idx, i)
+	}
+	if len(cmds) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, r.timeout)
+	defer cancel()
+	res := c.DoMulti(ctx, cmds...)
+	for j, rr := range res {
+		n, err := rr.AsInt64()
+		if err != nil {
+			if re, ok := rueidis.IsRedisErr(err); ok && re.IsNoScript() {
+				// Redis restarted and lost the script: Exec loads it.
+				i := idx[j]
+				e := entries[i]
+				n, err = r.fill1.Exec(ctx, c, []string{r.key(ids[i])},
+					[]string{encodeEntry(e), strconv.FormatInt(e.version, 10), strconv.FormatInt(e.ttl.Milliseconds(), 10)}).AsInt64()
+			}
+		}
+		if err != nil {
+			m.redisError.Inc()
+			r.failed(err)
+			continue
+		}
+		r.succeeded()
+		switch n {
+		case 1:
+			m.fillRedisInstalled.Inc()
+		case 0:
+			m.fillRedisStale.Inc()
+		default:
+			m.fillRedisUnchanged.Inc()
+		}
+	}
+}
+
+// invalidate installs a tombstone for id at version and notifies the other
+// instances. If Redis cannot take it now, it is remembered and applied
+// before Redis is read again.
+func (r *redisTier) invalidate(ctx context.Context, id, version int64) {
+	if !r.usable.Load() || r.overflowed.Load() {
+		r.remember(id, version)
+		return
+	}
+	c := r.client()
+	ctx, cancel := context.WithTimeout(ctx, r.timeout)
+	err := r.inval.Exec(ctx, c, []string{r.key(id)}, r.invalidateArgs(id, version)).Error()
+	cancel()
+	if err != nil {
+		r.s.m.invFailed.Inc()
+		r.failed(err)
+		r.remember(id, version)
+		r.poke()
+		return
+	}
+	r.succeeded()
+	r.s.m.invSent.Inc()
+	if r.npending.Load() > 0 {
+		r.pmu.Lock()
+		if v, ok := r.pending[id]; ok && v <= version {
+			delete(r.pending, id)
+			r.npending.Store(int64(len(r.pending)))
+		}
+		r.pmu.Unlock()
+	}
+}
+
+func (r *redisTier) invalidateArgs(id, version int64) []string {
+	v := strconv.FormatInt(version, 10)
+	return []string{"t" + v + "|", v, strconv.FormatInt(r.s.cfg.TombstoneTTL.Milliseconds(), 10),
+		r.channel, "i:" + strconv.FormatInt(id, 10) + ":" + v}
+}
+
+// remember keeps an invalidation for later; past PendingMax the set is
+// abandoned and the namespace will be dropped instead.
+func (r *redisTier) remember(id, version int64) {
+	r.pmu.Lock()
+	defer r.pmu.Unlock()
+	if v, ok := r.pending[id]; ok {
+		r.pending[id] = max(v, version)
+		return
+	}
+	if len(r.pending) >= r.s.cfg.PendingMax {
+		r.overflowed.Store(true)
+		return
+	}
+	r.pending[id] = version
+	r.npending.Store(int64(len(r.pending)))
+}
+
+// maintain runs recover whenever Redis may need it.
+func (r *redisTier) maintain() {
+	t := time.NewTicker(r.s.cfg.probeInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-r.s.ctx.Done():
+			return
+		case <-t.C:
+		case <-r.wake:
+		}
+		r.recover()
+	}
+}
+
+// recover connects if needed, and while the tier is unusable or has
+// invalidations pending: probes Redis, applies them, and only then makes
+// the tier usable again.
+func (r *redisTier) recover() {
+	if r.box.Load() == nil {
+		c, err := rueidis.NewClient(*r.opt)
+		if err != nil {
+			r.s.log.Debug("redis unreachable", "err", err)
+			return
+		}
+		r.box.Store(&clientBox{c: c, own: true})
+	}
+	if r.usable.Load() && r.npending.Load() == 0 && !r.overflowed.Load() {
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.s.ctx, 4*r.timeout)
+	defer cancel()
+	c := r.client()
+	if !r.usable.Load() {
+		if err := c.Do(ctx, c.B().Ping().Build()).Error(); err != nil {
+			return
+		}
+		if err := r.loadGen(ctx); err != nil {
+			return
+		}
+	}
+	if err := r.applyPending(ctx); err != nil {
+		r.s.log.Debug("redis: pending invalidations not applied yet", "err", err)
+		return
+	}
+	if r.usable.CompareAndSwap(false, true) {
+		r.cb.Close()
+		r.s.log.Info("redis healthy, cache tier in use")
+	}
+}
+
+// loadGen reads the current key generation.
+func (r *redisTier) loadGen(ctx context.Context) error {
+	c := r.client()
+	g, err := c.Do(ctx, c.B().Get().Key(r.genKey).Build()).AsInt64()
+	if rueidis.IsRedisNil(err) {
+		g, err = 0, nil
+	}
+	if err != nil {
+		return fmt.Errorf("redis generation: %w", err)
+	}
+	if g > r.gen.Load() {
+		r.setGen(g)
+	}
+	return nil
+}
+
+// applyPending applies the remembered invalidations, or, if there were too
+// many to remember, moves every instance to a new, empty key generation.
+func (r *redisTier) applyPending(ctx context.Context) error {
+	c := r.client()
+	if r.overflowed.Load() {
+		g, err := c.Do(ctx, c.B().Incr().Key(r.genKey).Build()).AsInt64()
+		if err != nil {
+			return fmt.Errorf("redis new generation: %w", err)
+		}
+		r.setGen(g)
+		if r.channel != "" {
+			// Best effort: an instance that misses it reads the
+			// generation when its channel reconnects.
+			c.Do(ctx, c.B().Publish().Channel(r.channel).Message("g:"+strconv.FormatInt(g, 10)).Build())
+		}
+		r.s.log.Warn("redis: too many invalidations missed, moved to a new key generation", "gen", g)
+		r.pmu.Lock()
+		clear(r.pending)
+		r.npending.Store(0)
+		r.overflowed.Store(false)
+		r.pmu.Unlock()
+		return nil
+	}
+	r.pmu.Lock()
+	snap := make(map[int64]int64, len(r.pending))
+	for id, v := range r.pending {
+		snap[id] = v
+	}
+	r.pmu.Unlock()
+	if len(snap) == 0 {
+		return nil
+	}
+	execs := make([]rueidis.LuaExec, 0, len(snap))
+	ids := make([]int64, 0, len(snap))
+	for id, v := range snap {
+		execs = append(execs, rueidis.LuaExec{Keys: []string{r.key(id)}, Args: r.invalidateArgs(id, v)})
+		ids = append(ids, id)
+	}
+	var firstErr error
+	for i, res := range r.inval.ExecMulti(ctx, c, execs...) {
+		if err := res.Error(); err != nil {
+			if firstErr == nil {
+				firstErr = err
+			}
+			continue
+		}
+		r.s.m.invSent.Inc()
+		r.pmu.Lock()
+		if v, ok := r.pending[ids[i]]; ok && v <= snap[ids[i]] {
+			delete(r.pending, ids[i])
+		}
+		r.npending.Store(int64(len(r.pending)))
+		r.pmu.Unlock()
+	}
+	if firstErr != nil {
+		return fmt.Errorf("redis apply invalidations: %w", firstErr)
+	}
+	return nil
+}
+
+// subscribeLoop keeps the notice channel subscribed. While it is down the
+// local tier does not serve (Store.state).
+func (r *redisTier) subscribeLoop() {
+	backoff := 50 * time.Millisecond
+	for r.s.ctx.Err() == nil {
+		c := r.client()
+		if c == nil {
+			r.sleep(r.s.cfg.probeInterval)
+			continue
+		}
+		up, err := r.subscribeOnce(c)
+		wasUp := r.s.state.Load()&1 == 1
+		r.s.channelDown()
+		if r.s.ctx.Err() != nil {
+			return
+		}
+		if wasUp {
+			r.s.log.Warn("cache notice channel down, local tier bypassed", "err", err)
+		}
+		if up {
+			backoff = 50 * time.Millisecond
+		} else {
+			backoff = min(2*backoff, time.Second)
+		}
+		r.sleep(backoff)
+	}
+}
+
+func (r *redisTier) sleep(d time.Duration) {
+	select {
+	case <-r.s.ctx.Done():
+	case <-time.After(d):
+	}
+}
+
+var errChannelStalled = errors.New("own heartbeat not heard back")
+
+// subscribeOnce subscribes on a dedicated connection, proves the path with
+// a heartbeat of our own, marks the channel up and watches it until the
+// connection breaks or our heartbeats stop coming back. up reports whether
+// the channel came up at all.
+func (r *redisTier) subscribeOnce(c rueidis.Client) (up bool, err error) {
+	dc, _ := c.Dedicate()
+	// Close, not release: the connection carries our subscription.
+	defer dc.Close()
+	closed := dc.SetPubSubHooks(rueidis.PubSubHooks{OnMessage: r.onMessage})
+	ctx, cancel := context.WithTimeout(r.s.ctx, r.s.cfg.channelTimeout)
+	err = dc.Do(ctx, dc.B().Subscribe().Channel(r.channel).Build()).Error()
+	cancel()
+	if err != nil {
+		return false, fmt.Errorf("subscribe: %w", err)
+	}
+	select {
+	case <-r.beat:
+	default:
+	}
+	r.heartbeat(c)
+	select {
+	case <-r.beat:
+	case err := <-closed:
+		return false, fmt.Errorf("subscription closed: %w", err)
+	case <-time.After(r.s.cfg.channelTimeout):
+		return false, errChannelStalled
+	case <-r.s.ctx.Done():
+		return false, nil
+	}
+	ctx, cancel = context.WithTimeout(r.s.ctx, r.s.cfg.channelTimeout)
+	err = r.loadGen(ctx)
+	cancel()
+	if err != nil {
+		return false, err
+	}
+	r.s.channelUp()
+	t := time.NewTicker(r.s.cfg.heartbeat)
+	defer t.Stop()
+	for {
+		select {
+		case err := <-closed:
+			if err == nil {
+				err = errors.New("subscription closed")
+			}
+			return true, err
+		case <-r.s.ctx.Done():
+			return true, nil
+		case <-t.C:
+			if time.Since(time.Unix(0, r.lastBeat.Load())) > r.s.cfg.channelTimeout {
+				return true, errChannelStalled
+			}
+			r.heartbeat(c)
+		}
+	}
+}
+
+// heartbeat publishes our own heartbeat; its return through the
+// subscription proves the channel works end to end.
+func (r *redisTier) heartbeat(c rueidis.Client) {
+	ctx, cancel := context.WithTimeout(r.s.ctx, r.s.cfg.heartbeat)
+	c.Do(ctx, c.B().Publish().Channel(r.channel).Message("h:"+r.nonce).Build())
+	cancel()
+}
+
+// onMessage handles one notice; rueidis calls it on one goroutine, in the
+// order Redis sent them.
+func (r *redisTier) onMessage(m rueidis.PubSubMessage) {
+	msg := m.Message
+	switch {
+	case strings.HasPrefix(msg, "i:"):
+		idS, verS, ok := strings.Cut(msg[2:], ":")
+		id, err1 := strconv.ParseInt(idS, 10, 64)
+		ver, err2 := strconv.ParseInt(verS, 10, 64)
+		if !ok || err1 != nil || err2 != nil {
+			r.s.log.Warn("malformed cache notice", "msg", msg)
+			return
+		}
+		r.s.onNotice(id, ver)
+	case msg == "h:"+r.nonce:
+		r.lastBeat.Store(time.Now().UnixNano())
+		select {
+		case r.beat <- struct{}{}:
+		default:
+		}
+	case strings.HasPrefix(msg, "g:"):
+		if g, err := strconv.ParseInt(msg[2:], 10, 64); err == nil && g > r.gen.Load() {
+			r.setGen(g)
+		}
+	}
+}
