@@ -436,16 +436,16 @@ func (s *Store) load(ctx context.Context, id int64) (userapi.Encoded, error) {
 		}
 		return c.enc, nil
 	}
-	st, start := s.state.Load(), time.Now()
+	rs := s.begin()
 	u, err := s.store.GetUser(ctx, id)
 	if err != nil {
 		if errors.Is(err, userapi.ErrNotFound) {
-			s.fill([]loaded{{id: id}}, st, start)
+			s.fill([]loaded{{id: id}}, rs)
 		}
 		return userapi.Encoded{}, err
 	}
 	enc := u.Encode()
-	s.fill([]loaded{{id: id, enc: &enc}}, st, start)
+	s.fill([]loaded{{id: id, enc: &enc}}, rs)
 	return enc, nil
 }
 
@@ -499,15 +499,32 @@ type loaded struct {
 	enc *userapi.Encoded
 }
 
-// fill installs database results in the tiers. st and start are the channel
-// epoch and the time taken before the read began: a local fill is accepted
-// only if the epoch has not changed since, and no fill is attempted once
-// the read is older than half the tombstone TTL, since a tombstone that
-// should reject it may have expired by then.
-func (s *Store) fill(rows []loaded, st uint64, start time.Time) {
+// readStart is what a fill must know about the moment its database read
+// began.
+type readStart struct {
+	state  uint64 // the notice channel's epoch (Store.state)
+	health uint64 // the Redis tier's health (redisTier.health)
+	at     time.Time
+}
+
+func (s *Store) begin() readStart {
+	rs := readStart{state: s.state.Load(), at: time.Now()}
+	if s.redis != nil {
+		rs.health = s.redis.health.Load()
+	}
+	return rs
+}
+
+// fill installs database results in the tiers. A local fill is accepted
+// only if the channel epoch has not changed since the read began, a Redis
+// fill only if Redis has been usable throughout, and no fill is attempted
+// once the read is older than half the tombstone TTL, since a tombstone
+// that should reject it may have expired by then.
+func (s *Store) fill(rows []loaded, rs readStart) {
 	if s.local == nil && s.redis == nil {
 		return
 	}
+	st, start := rs.state, rs.at
 	if time.Since(start) > s.cfg.TombstoneTTL/2 {
 		s.m.fillLate.Add(float64(len(rows)))
 		return
@@ -530,7 +547,7 @@ func (s *Store) fill(rows []loaded, st uint64, start time.Time) {
 		for i, r := range rows {
 			ids[i] = r.id
 		}
-		s.redis.fill(s.ctx, ids, entries)
+		s.redis.fill(s.ctx, ids, entries, rs.health)
 	}
 }
 
@@ -676,4 +693,22 @@ func (s *Store) channelUp() {
 		s.local.flush()
 	}
 	s.m.channelUp.Set(1)
+}
+
+// flushLocal starts a new epoch without taking the channel down: every
+// local entry filled before is dead, and so is every fill in flight.
+func (s *Store) flushLocal() {
+	if s.local == nil {
+		return
+	}
+	for {
+		st := s.state.Load()
+		if st&1 == 0 {
+			return // down: channelUp starts a new epoch anyway
+		}
+		if s.state.CompareAndSwap(st, st+2) {
+			break
+		}
+	}
+	s.local.flush()
 }

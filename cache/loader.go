@@ -134,7 +134,7 @@ func (l *loader) work() {
 			ids = append(ids, c.id)
 		}
 		l.s.m.batchSize.Observe(float64(len(batch)))
-		st, start := l.s.state.Load(), time.Now()
+		rs := l.s.begin()
 		ctx, cancel := context.WithTimeout(l.s.ctx, l.timeout)
 		users, err := l.s.store.GetUsers(ctx, ids)
 		cancel()
@@ -150,7 +150,7 @@ func (l *loader) work() {
 		// finished read finds the entry.
 		rows := setResults(batch, users, err)
 		if err == nil {
-			l.s.fill(rows, st, start)
+			l.s.fill(rows, rs)
 		}
 		l.complete(batch)
 	}

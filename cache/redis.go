@@ -91,8 +91,13 @@ type redisTier struct {
 	fill1, inval *rueidis.Lua
 	fillSHA      string
 
-	cb     circuitbreaker.CircuitBreaker[any]
-	usable atomic.Bool
+	cb circuitbreaker.CircuitBreaker[any]
+	// health goes up by one at every change of usability and is odd while
+	// the tier is usable. A fill is sent only if the tier has been usable
+	// since its read began: a read made while Redis was unusable may
+	// predate a write whose invalidation is still pending on another
+	// instance.
+	health atomic.Uint64
 	wake   chan struct{}
 
 	// Invalidations not yet applied to Redis: id → highest version.
@@ -202,7 +207,7 @@ func (r *redisTier) key(id int64) string {
 // readable reports whether id may be read from (or filled into) Redis: the
 // tier is healthy and no invalidation of id is waiting to be applied.
 func (r *redisTier) readable(id int64) bool {
-	if !r.usable.Load() || r.overflowed.Load() {
+	if !r.usable() || r.overflowed.Load() {
 		return false
 	}
 	if r.npending.Load() == 0 {
@@ -214,6 +219,21 @@ func (r *redisTier) readable(id int64) bool {
 	return !ok
 }
 
+func (r *redisTier) usable() bool { return r.health.Load()&1 == 1 }
+
+// setUsable changes the usability and reports whether it changed.
+func (r *redisTier) setUsable(u bool) bool {
+	for {
+		h := r.health.Load()
+		if (h&1 == 1) == u {
+			return false
+		}
+		if r.health.CompareAndSwap(h, h+1) {
+			return true
+		}
+	}
+}
+
 // succeeded and failed feed the breaker. A caller that went away is not
 // Redis's failure.
 func (r *redisTier) succeeded() { r.cb.RecordSuccess() }
@@ -223,7 +243,7 @@ func (r *redisTier) failed(err error) {
 		return
 	}
 	r.cb.RecordFailure()
-	if r.cb.IsOpen() && r.usable.CompareAndSwap(true, false) {
+	if r.cb.IsOpen() && r.setUsable(false) {
 		r.s.log.Warn("redis unhealthy, failing open to the database", "err", err)
 		r.poke()
 	}
@@ -300,9 +320,13 @@ func decodeEntry(b []byte) (*entry, error) {
 }
 
 // fill installs database results, each guarded by fillScript, in one
-// pipelined round trip.
-func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry) {
+// pipelined round trip. health is the tier's health when the read began.
+func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry, health uint64) {
 	m := r.s.m
+	if r.health.Load() != health || health&1 == 0 {
+		m.fillRedisSkipped.Add(float64(len(ids)))
+		return
+	}
 	cmds := make(rueidis.Commands, 0, len(ids))
 	idx := make([]int, 0, len(ids))
 	c := r.client()
@@ -354,7 +378,7 @@ func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry) {
 // instances. If Redis cannot take it now, it is remembered and applied
 // before Redis is read again.
 func (r *redisTier) invalidate(ctx context.Context, id, version int64) {
-	if !r.usable.Load() || r.overflowed.Load() {
+	if !r.usable() || r.overflowed.Load() {
 		r.remember(id, version)
 		return
 	}
@@ -431,13 +455,13 @@ func (r *redisTier) recover() {
 		}
 		r.box.Store(&clientBox{c: c, own: true})
 	}
-	if r.usable.Load() && r.npending.Load() == 0 && !r.overflowed.Load() {
+	if r.usable() && r.npending.Load() == 0 && !r.overflowed.Load() {
 		return
 	}
 	ctx, cancel := context.WithTimeout(r.s.ctx, 4*r.timeout)
 	defer cancel()
 	c := r.client()
-	if !r.usable.Load() {
+	if !r.usable() {
 		if err := c.Do(ctx, c.B().Ping().Build()).Error(); err != nil {
 			return
 		}
@@ -449,7 +473,7 @@ func (r *redisTier) recover() {
 		r.s.log.Debug("redis: pending invalidations not applied yet", "err", err)
 		return
 	}
-	if r.usable.CompareAndSwap(false, true) {
+	if r.setUsable(true) {
 		r.cb.Close()
 		r.s.log.Info("redis healthy, cache tier in use")
 	}
@@ -481,6 +505,7 @@ func (r *redisTier) applyPending(ctx context.Context) error {
 			return fmt.Errorf("redis new generation: %w", err)
 		}
 		r.setGen(g)
+		r.s.flushLocal()
 		if r.channel != "" {
 			// Best effort: an instance that misses it reads the
 			// generation when its channel reconnects.
@@ -655,6 +680,9 @@ func (r *redisTier) onMessage(m rueidis.PubSubMessage) {
 	case strings.HasPrefix(msg, "g:"):
 		if g, err := strconv.ParseInt(msg[2:], 10, 64); err == nil && g > r.gen.Load() {
 			r.setGen(g)
+			// Some instance lost track of its invalidations; which ids
+			// they were is unknown, so the local tier starts afresh too.
+			r.s.flushLocal()
 		}
 	}
 }

@@ -1,0 +1,420 @@
+package cache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"userapi"
+)
+
+// fastTiered is a tiered config whose liveness checks run quickly, so the
+// fault tests take seconds.
+func fastTiered(url, prefix string) Config {
+	return Config{
+		Mode: ModeTiered, Coalesce: true, RedisURL: url, KeyPrefix: prefix,
+		heartbeat: 50 * time.Millisecond, channelTimeout: 400 * time.Millisecond, probeInterval: 50 * time.Millisecond,
+	}
+}
+
+func channelIsUp(c *Store) bool  { return c.state.Load()&1 == 1 }
+func redisUsable(c *Store) bool  { return c.redis.usable() }
+func healthy(c *Store) bool      { return channelIsUp(c) && redisUsable(c) && c.redis.npending.Load() == 0 }
+func noticesIn(c *Store) float64 { return value(c.m.invReceived) }
+
+// percentiles returns the p50, p99 and max of ds (which it sorts).
+func percentiles(ds []time.Duration) (p50, p99, maxd time.Duration) {
+	slices.Sort(ds)
+	at := func(q float64) time.Duration { return ds[min(len(ds)-1, int(q*float64(len(ds))))] }
+	return at(0.50), at(0.99), ds[len(ds)-1]
+}
+
+// TestCrossInstanceInvalidation: two instances over one database and one
+// Redis. A write on one reaches the other's local tier within a bounded
+// window, measured here over many writes: from the write's return on A to
+// the notice's arrival on B (negative when the notice beat the return).
+func TestCrossInstanceInvalidation(t *testing.T) {
+	url := needRedis(t)
+	db := newSQLite(t)
+	u := mustCreate(t, db, "x@example.com")
+	prefix := testPrefix()
+	var mu sync.Mutex
+	arrived := map[int64]time.Time{} // version → arrival on B
+	cfgB := fastTiered(url, prefix)
+	cfgB.onNotice = func(id, v int64, at time.Time) {
+		mu.Lock()
+		if _, ok := arrived[v]; !ok && id == u.ID {
+			arrived[v] = at
+		}
+		mu.Unlock()
+	}
+	a := newCache(t, db, fastTiered(url, prefix))
+	b := newCache(t, db, cfgB)
+	if !healthy(a) || !healthy(b) {
+		t.Fatal("instances not healthy at start")
+	}
+
+	const writes = 200
+	acked := make(map[int64]time.Time, writes)
+	for i := range writes {
+		version(t, a, u.ID)
+		if v := version(t, b, u.ID); v != int64(i+1) {
+			t.Fatalf("B read version %d before write %d", v, i+1)
+		}
+		nu := rename(t, a, u.ID, fmt.Sprint("W", i))
+		acked[nu.Version] = time.Now()
+		// B stops serving the old version within the window.
+		eventually(t, time.Second, "B sees the write", func() bool { return version(t, b, u.ID) == nu.Version })
+	}
+	var delays []time.Duration
+	mu.Lock()
+	for v, at := range acked {
+		got, ok := arrived[v]
+		if !ok {
+			t.Errorf("no notice of version %d reached B", v)
+			continue
+		}
+		delays = append(delays, got.Sub(at))
+	}
+	mu.Unlock()
+	if len(delays) > 0 {
+		p50, p99, maxd := percentiles(delays)
+		t.Logf("notice arrival on B after the write returned on A, %d writes: p50 %v, p99 %v, max %v", len(delays), p50, p99, maxd)
+		if p99 > 100*time.Millisecond {
+			t.Errorf("p99 notice delay %v, want under 100ms", p99)
+		}
+	}
+	checkTiers(t, a, db, u.ID)
+	checkTiers(t, b, db, u.ID)
+}
+
+// TestRedisDown: Redis crashes. Reads and writes go on from the database,
+// the breaker opens, and the local tiers stop serving (a write on A during
+// the outage cannot reach B's local tier). After Redis restarts, everything
+// comes back and nothing stale is served.
+func TestRedisDown(t *testing.T) {
+	srv := startRedis(t)
+	db := newSQLite(t)
+	u := mustCreate(t, db, "down@example.com")
+	prefix := testPrefix()
+	a := newCache(t, db, fastTiered(srv.url(), prefix))
+	b := newCache(t, db, fastTiered(srv.url(), prefix))
+	if !healthy(a) || !healthy(b) {
+		t.Fatal("instances not healthy at start")
+	}
+	version(t, a, u.ID)
+	version(t, b, u.ID)
+	if value(b.m.localHit) == 0 {
+		version(t, b, u.ID)
+	}
+
+	srv.stop()
+	eventually(t, 2*time.Second, "channels down", func() bool { return !channelIsUp(a) && !channelIsUp(b) })
+	// Reads go on (from the database) and open the breaker.
+	for range 20 {
+		if v := version(t, a, u.ID); v != 1 {
+			t.Fatalf("read during outage: version %d", v)
+		}
+	}
+	eventually(t, 2*time.Second, "A's breaker open", func() bool { return !redisUsable(a) })
+	if got := value(a.m.breakerState); got != 2 {
+		t.Errorf("breaker state gauge %v, want 2 (open)", got)
+	}
+	start := time.Now()
+	if v := version(t, a, u.ID); v != 1 {
+		t.Fatalf("read with the breaker open: version %d", v)
+	}
+	if d := time.Since(start); d > 20*time.Millisecond {
+		t.Errorf("read with the breaker open took %v; it should not wait for Redis", d)
+	}
+	// A write goes on, and B, whose local tier still holds version 1,
+	// must not serve it.
+	if v := rename(t, a, u.ID, "During").Version; v != 2 {
+		t.Fatalf("write during outage: version %d", v)
+	}
+	bypassed := value(b.m.localBypass)
+	if v := version(t, b, u.ID); v != 2 {
+		t.Errorf("B read version %d during the outage after A wrote 2", v)
+	}
+	if value(b.m.localBypass) == bypassed {
+		t.Error("B's local tier was not bypassed while its channel was down")
+	}
+	if a.redis.npending.Load() != 1 {
+		t.Errorf("A has %d pending invalidations, want 1", a.redis.npending.Load())
+	}
+
+	srv.start()
+	eventually(t, 5*time.Second, "instances healthy again", func() bool { return healthy(a) && healthy(b) })
+	for _, c := range []*Store{a, b} {
+		for range 3 {
+			if v := version(t, c, u.ID); v != 2 {
+				t.Errorf("after recovery: version %d, want 2", v)
+			}
+		}
+		checkTiers(t, c, db, u.ID)
+	}
+	if value(b.m.localHit) == 0 {
+		t.Error("B's local tier never served")
+	}
+}
+
+// TestRedisStalled: Redis stops answering but keeps its data and its
+// connections (a stall or partition). A write on A cannot invalidate Redis;
+// A keeps it pending and never reads that id from Redis until it has applied
+// it, and once Redis answers again the stale value there is replaced within
+// the recovery window.
+func TestRedisStalled(t *testing.T) {
+	srv := startRedis(t)
+	db := newSQLite(t)
+	u := mustCreate(t, db, "stall@example.com")
+	prefix := testPrefix()
+	a := newCache(t, db, fastTiered(srv.url(), prefix))
+	b := newCache(t, db, fastTiered(srv.url(), prefix))
+	version(t, a, u.ID)
+	version(t, b, u.ID) // Redis and both local tiers hold version 1
+
+	srv.pause()
+	start := time.Now()
+	if v := rename(t, a, u.ID, "Stalled").Version; v != 2 {
+		t.Fatalf("write during stall: version %d", v)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("write during stall took %v; Redis calls should time out fast", d)
+	}
+	if a.redis.npending.Load() != 1 {
+		t.Fatalf("A has %d pending invalidations, want 1", a.redis.npending.Load())
+	}
+	for range 5 {
+		if v := version(t, a, u.ID); v != 2 {
+			t.Fatalf("A read its own write as version %d during the stall", v)
+		}
+	}
+	eventually(t, 2*time.Second, "B's channel down", func() bool { return !channelIsUp(b) })
+	if v := version(t, b, u.ID); v != 2 {
+		t.Errorf("B read version %d with its channel down", v)
+	}
+	time.Sleep(1200 * time.Millisecond) // past the connections' write timeout
+	srv.resume()
+	resumed := time.Now()
+	eventually(t, 3*time.Second, "B serves the write", func() bool { return version(t, b, u.ID) == 2 })
+	t.Logf("B served the write %v after Redis resumed", time.Since(resumed))
+	eventually(t, 5*time.Second, "instances healthy again", func() bool { return healthy(a) && healthy(b) })
+	for _, c := range []*Store{a, b} {
+		for range 3 {
+			if v := version(t, c, u.ID); v != 2 {
+				t.Errorf("after recovery: version %d, want 2", v)
+			}
+		}
+		checkTiers(t, c, db, u.ID)
+	}
+}
+
+// TestPendingOverflow: more missed invalidations than PendingMax move every
+// instance to a new, empty key generation instead.
+func TestPendingOverflow(t *testing.T) {
+	srv := startRedis(t)
+	db := newSQLite(t)
+	var users []*userapi.User
+	for i := range 3 {
+		users = append(users, mustCreate(t, db, fmt.Sprintf("o%d@example.com", i)))
+	}
+	prefix := testPrefix()
+	cfg := fastTiered(srv.url(), prefix)
+	cfg.PendingMax = 2
+	a := newCache(t, db, cfg)
+	b := newCache(t, db, cfg)
+	for _, u := range users {
+		version(t, a, u.ID)
+		version(t, b, u.ID)
+	}
+	srv.pause()
+	for _, u := range users {
+		rename(t, a, u.ID, "Overflow")
+	}
+	if !a.redis.overflowed.Load() {
+		t.Fatal("pending set did not overflow")
+	}
+	for _, u := range users {
+		if v := version(t, a, u.ID); v != 2 {
+			t.Errorf("A read its write as version %d", v)
+		}
+	}
+	srv.resume()
+	eventually(t, 5*time.Second, "both on generation 1", func() bool {
+		return a.redis.gen.Load() == 1 && b.redis.gen.Load() == 1 && healthy(a) && healthy(b)
+	})
+	for _, c := range []*Store{a, b} {
+		for _, u := range users {
+			if v := version(t, c, u.ID); v != 2 {
+				t.Errorf("after the new generation: version %d, want 2", v)
+			}
+			checkTiers(t, c, db, u.ID)
+		}
+	}
+}
+
+// TestRedisAbsentAtStart: a service started while Redis is down works from
+// the database and starts using Redis when it appears.
+func TestRedisAbsentAtStart(t *testing.T) {
+	srv := startRedis(t)
+	srv.stop()
+	db := newSQLite(t)
+	u := mustCreate(t, db, "late@example.com")
+	a := newCache(t, db, fastTiered(srv.url(), testPrefix()))
+	if v := version(t, a, u.ID); v != 1 {
+		t.Fatalf("read without Redis: version %d", v)
+	}
+	if v := rename(t, a, u.ID, "NoRedis").Version; v != 2 {
+		t.Fatalf("write without Redis: version %d", v)
+	}
+	srv.start()
+	eventually(t, 5*time.Second, "healthy once Redis is up", func() bool { return healthy(a) })
+	for range 3 {
+		if v := version(t, a, u.ID); v != 2 {
+			t.Errorf("read: version %d, want 2", v)
+		}
+	}
+	if value(a.m.redisHit)+value(a.m.localHit) == 0 {
+		t.Error("no tier served after Redis came up")
+	}
+	checkTiers(t, a, db, u.ID)
+}
+
+// TestNoticeDeliveryLatency measures the two ways Redis can tell other
+// instances that a key changed: pub/sub (PUBLISH on a channel, what the
+// cache uses) and RESP3 client-side-caching invalidation pushes (CLIENT
+// TRACKING in broadcast mode). Each is measured from the moment the write is
+// sent to the notice's arrival on another connection, over sequential
+// writes. (Measured from the write's return instead, both are about zero:
+// Redis pushes the notice before it replies to the writer.)
+func TestNoticeDeliveryLatency(t *testing.T) {
+	url := needRedis(t)
+	const n = 500
+	ctx := testContext(t)
+	opt, err := rueidis.ParseURL(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	prefix := testPrefix()
+
+	writerOpt := opt
+	writerOpt.DisableCache = true
+	writer, err := rueidis.NewClient(writerOpt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer writer.Close()
+
+	measure := func(name string, send func(i int) error, arrivals <-chan int) {
+		sent := make([]time.Time, n)
+		var delays []time.Duration
+		for i := range n {
+			sent[i] = time.Now()
+			if err := send(i); err != nil {
+				t.Fatalf("%s send: %v", name, err)
+			}
+			select {
+			case j := <-arrivals:
+				if j != i {
+					t.Fatalf("%s: notice %d arrived for send %d", name, j, i)
+				}
+				delays = append(delays, time.Since(sent[i]))
+			case <-time.After(time.Second):
+				t.Fatalf("%s: notice %d not delivered within 1s", name, i)
+			}
+		}
+		p50, p99, maxd := percentiles(delays)
+		t.Logf("%-8s %d notices, from sending the write to the notice's arrival: p50 %v, p99 %v, max %v", name, n, p50, p99, maxd)
+		if p99 > 50*time.Millisecond {
+			t.Errorf("%s p99 %v, want under 50ms", name, p99)
+		}
+	}
+
+	// Pub/sub, on a dedicated connection, as the cache subscribes.
+	channel := prefix + "latency"
+	subArr := make(chan int, 1)
+	sub, cancel := writer.Dedicate()
+	defer cancel()
+	defer sub.Close()
+	sub.SetPubSubHooks(rueidis.PubSubHooks{OnMessage: func(m rueidis.PubSubMessage) {
+		i, _ := strconv.Atoi(m.Message)
+		subArr <- i
+	}})
+	if err := sub.Do(ctx, sub.B().Subscribe().Channel(channel).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	measure("pubsub", func(i int) error {
+		return writer.Do(ctx, writer.B().Publish().Channel(channel).Message(strconv.Itoa(i)).Build()).Error()
+	}, subArr)
+
+	// Tracking in broadcast mode: every write of a key under the prefix
+	// pushes an invalidation to the tracking client.
+	trackArr := make(chan int, 1)
+	trackOpt := opt
+	trackOpt.ClientTrackingOptions = []string{"PREFIX", prefix + "k:", "BCAST"}
+	trackOpt.PipelineMultiplex = -1 // one connection, so one push per write
+	var seen sync.Map
+	trackOpt.OnInvalidations = func(ms []rueidis.RedisMessage) {
+		for _, m := range ms {
+			k, err := m.ToString()
+			if err != nil {
+				continue
+			}
+			i, err := strconv.Atoi(k[len(prefix)+2:])
+			if err == nil {
+				if _, dup := seen.LoadOrStore(i, true); !dup {
+					trackArr <- i
+				}
+			}
+		}
+	}
+	tracker, err := rueidis.NewClient(trackOpt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tracker.Close()
+	// Tracking is enabled when a connection is made; make one.
+	if err := tracker.Do(ctx, tracker.B().Ping().Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	measure("tracking", func(i int) error {
+		return writer.Do(ctx, writer.B().Set().Key(prefix+"k:"+strconv.Itoa(i)).Value("x").Px(10*time.Second).Build()).Error()
+	}, trackArr)
+}
+
+// TestInjectedClientNotClosed: a client passed in Config.Redis belongs to
+// the caller.
+func TestInjectedClientNotClosed(t *testing.T) {
+	url := needRedis(t)
+	opt, err := rueidis.ParseURL(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client, err := rueidis.NewClient(opt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	db := newSQLite(t)
+	u := mustCreate(t, db, "inj@example.com")
+	c := newCache(t, db, Config{Mode: ModeRedis, Coalesce: true, Redis: client})
+	version(t, c, u.ID)
+	if v := version(t, c, u.ID); v != 1 || value(c.m.redisHit) != 1 {
+		t.Errorf("read through injected client: version %d, %v Redis hits", v, value(c.m.redisHit))
+	}
+	c.Close()
+	if err := client.Do(context.Background(), client.B().Ping().Build()).Error(); err != nil {
+		if errors.Is(err, rueidis.ErrClosing) {
+			t.Error("Close closed the injected client")
+		} else {
+			t.Fatal(err)
+		}
+	}
+}
