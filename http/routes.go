@@ -53,7 +53,7 @@ func (s *Server) routes() []route {
 //     with Allow
 //  4. recovery (deferred, in finish): a panic becomes a logged 500
 //  5. deadline: the handler's context ends RequestTimeout after the
-//     request started
+//     request started (rounded up to 10 ms, see context.go)
 //  6. the handler; a returned error becomes problem+json (problem.go)
 //  7. gzip of bodies of at least GzipMinBytes the client accepts gzip for
 //  8. metrics: requests by route template, method and status; duration;
@@ -63,9 +63,7 @@ func (s *Server) serve(rc *fasthttp.RequestCtx) {
 	s.setRequestID(rc)
 	ep := s.router.match(rc.Path(), rc.Method())
 	defer s.finish(rc, ep)
-	ctx := newRequestContext(rc.Time().Add(s.opts.RequestTimeout))
-	defer ctx.cancel()
-	if err := ep.handle(rc, ctx); err != nil {
+	if err := ep.handle(rc, s.deadlines.context(rc.Time())); err != nil {
 		s.writeError(rc, err)
 	}
 }

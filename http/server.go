@@ -107,6 +107,7 @@ type Server struct {
 	ready     atomic.Pointer[func(context.Context) error]
 	wasReady  atomic.Bool // last /readyz result, to log only transitions
 	requestID requestIDs
+	deadlines deadlines
 
 	router  router
 	handler fasthttp.RequestHandler
@@ -152,6 +153,7 @@ func NewServer(store userapi.Store, opts Options) *Server {
 		metrics: newMetrics(opts.Registerer),
 	}
 	s.requestID.init()
+	s.deadlines.timeout = opts.RequestTimeout
 	s.encoded, _ = store.(userapi.EncodedReader)
 	ping := store.Ping
 	s.ready.Store(&ping)

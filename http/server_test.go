@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	nethttp "net/http"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -15,108 +14,37 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
-func TestRequestContextDeadline(t *testing.T) {
-	t.Run("unobserved", func(t *testing.T) {
-		c := newRequestContext(time.Now().Add(20 * time.Millisecond))
-		if err := c.Err(); err != nil {
-			t.Fatalf("Err before deadline = %v", err)
+func TestDeadlines(t *testing.T) {
+	d := deadlines{timeout: 30 * time.Millisecond}
+	start := time.Now()
+	ctx := d.context(start)
+	dl, ok := ctx.Deadline()
+	if min, max := start.Add(d.timeout), start.Add(d.timeout+deadlineSlot); !ok || dl.Before(min) || dl.After(max) {
+		t.Fatalf("deadline %v, want within [%v, %v]", dl, min, max)
+	}
+	if same := d.context(start); same != ctx {
+		t.Error("a request in the same slot got another context")
+	}
+	if allocs := testing.AllocsPerRun(100, func() { d.context(start) }); allocs != 0 {
+		t.Errorf("context for a current slot allocates %v times", allocs)
+	}
+	later := start.Add(deadlineSlot)
+	if next := d.context(later); next == ctx {
+		t.Error("a request in the next slot got the previous slot's context")
+	} else if dl2, _ := next.Deadline(); dl2.Before(later.Add(d.timeout)) {
+		t.Errorf("next slot's deadline %v is before its start plus timeout", dl2)
+	}
+	if early := d.context(start); early == ctx {
+		t.Error("the current slot did not move on")
+	}
+	select {
+	case <-ctx.Done():
+		if !errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			t.Errorf("Err = %v", ctx.Err())
 		}
-		time.Sleep(30 * time.Millisecond)
-		if err := c.Err(); !errors.Is(err, context.DeadlineExceeded) {
-			t.Fatalf("Err after deadline = %v", err)
-		}
-		select {
-		case <-c.Done():
-		default:
-			t.Fatal("Done not closed after Err reported the deadline")
-		}
-		c.cancel()
-		if err := c.Err(); !errors.Is(err, context.DeadlineExceeded) {
-			t.Fatalf("Err after cancel = %v, want it to stay DeadlineExceeded", err)
-		}
-	})
-	t.Run("waited", func(t *testing.T) {
-		c := newRequestContext(time.Now().Add(20 * time.Millisecond))
-		defer c.cancel()
-		select {
-		case <-c.Done():
-		case <-time.After(5 * time.Second):
-			t.Fatal("Done not closed at the deadline")
-		}
-		if err := c.Err(); !errors.Is(err, context.DeadlineExceeded) {
-			t.Fatalf("Err = %v", err)
-		}
-		if d, ok := c.Deadline(); !ok || time.Until(d) > 0 {
-			t.Fatalf("Deadline = %v, %v", d, ok)
-		}
-	})
-	t.Run("canceled", func(t *testing.T) {
-		c := newRequestContext(time.Now().Add(time.Hour))
-		done := c.Done()
-		ran := make(chan struct{})
-		context.AfterFunc(c, func() { close(ran) })
-		c.cancel()
-		<-done
-		<-ran
-		if err := c.Err(); !errors.Is(err, context.Canceled) {
-			t.Fatalf("Err = %v", err)
-		}
-	})
-	t.Run("derived", func(t *testing.T) {
-		c := newRequestContext(time.Now().Add(50 * time.Millisecond))
-		defer c.cancel()
-		child, cancel := context.WithTimeout(c, time.Hour)
-		defer cancel()
-		if d, _ := child.Deadline(); d != c.deadline {
-			t.Errorf("child deadline %v, want the request's %v", d, c.deadline)
-		}
-		select {
-		case <-child.Done():
-		case <-time.After(5 * time.Second):
-			t.Fatal("derived context outlived the request deadline")
-		}
-		if !errors.Is(child.Err(), context.DeadlineExceeded) {
-			t.Errorf("child Err = %v", child.Err())
-		}
-	})
-	t.Run("no goroutine per derived context", func(t *testing.T) {
-		c := newRequestContext(time.Now().Add(time.Hour))
-		before := runtime.NumGoroutine()
-		var cancels []context.CancelFunc
-		for range 100 {
-			_, cancel := context.WithCancel(c)
-			cancels = append(cancels, cancel)
-		}
-		if grown := runtime.NumGoroutine() - before; grown > 10 {
-			t.Errorf("100 derived contexts started %d goroutines", grown)
-		}
-		for _, cancel := range cancels {
-			cancel()
-		}
-		c.mu.Lock()
-		left := len(c.afters)
-		c.mu.Unlock()
-		if left != 0 {
-			t.Errorf("%d after-funcs left registered after the children were canceled", left)
-		}
-		c.cancel()
-	})
-	t.Run("after func stop", func(t *testing.T) {
-		c := newRequestContext(time.Now().Add(time.Hour))
-		stop := c.AfterFunc(func() { t.Error("stopped func ran") })
-		if !stop() {
-			t.Error("stop before end = false")
-		}
-		c.cancel()
-		if stop() {
-			t.Error("second stop = true")
-		}
-		ran := make(chan struct{})
-		if c.AfterFunc(func() { close(ran) })() {
-			t.Error("stop of a func registered after the end = true")
-		}
-		<-ran
-	})
+	case <-time.After(5 * time.Second):
+		t.Fatal("context did not end at its deadline")
+	}
 }
 
 // TestServeAndShutdown checks the listener lifecycle: requests in flight
