@@ -287,6 +287,8 @@ func testAPI(t *testing.T, encoded bool) {
 			status: 422, problem: &wantProblem{typ: typeIdempotencyMismatch}},
 		{name: "create idempotency key too long", req: request{method: "POST", uri: "/users", header: with(jsonCT, "Idempotency-Key", strings.Repeat("k", 256)), body: `{"email":"k@example.com","name":"K"}`},
 			status: 422, problem: &wantProblem{typ: typeValidation, fields: []string{"Idempotency-Key"}}},
+		{name: "create idempotency key not ascii", req: request{method: "POST", uri: "/users", header: with(jsonCT, "Idempotency-Key", "k\xff"), body: `{"email":"k@example.com","name":"K"}`},
+			status: 400, problem: &wantProblem{fields: []string{"Idempotency-Key"}}},
 		{name: "create no content type", req: request{method: "POST", uri: "/users", body: `{"email":"x@example.com","name":"X"}`}, status: 415},
 		{name: "create text/plain", req: request{method: "POST", uri: "/users", header: map[string]string{"Content-Type": "text/plain"}, body: `{"email":"x@example.com","name":"X"}`}, status: 415},
 		{name: "create latin1", req: request{method: "POST", uri: "/users", header: map[string]string{"Content-Type": "application/json; charset=latin1"}, body: `{"email":"x@example.com","name":"X"}`}, status: 415},

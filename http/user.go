@@ -168,11 +168,11 @@ func (s *Server) createUser(rc *fasthttp.RequestCtx, ctx context.Context) error 
 	if err != nil {
 		return err
 	}
-	in := userapi.UserCreate{
-		Email:          f.email,
-		Name:           f.name,
-		IdempotencyKey: string(rc.Request.Header.PeekBytes(hIdempotencyKey)),
+	key := rc.Request.Header.PeekBytes(hIdempotencyKey)
+	if !printableASCII(key) {
+		return badRequest("Idempotency-Key", "must be printable ASCII")
 	}
+	in := userapi.UserCreate{Email: f.email, Name: f.name, IdempotencyKey: string(key)}
 	if err := in.Validate(); err != nil {
 		return err
 	}
@@ -187,6 +187,18 @@ func (s *Server) createUser(rc *fasthttp.RequestCtx, ctx context.Context) error 
 	}
 	writeUser(rc, fasthttp.StatusCreated, u)
 	return nil
+}
+
+// printableASCII reports whether b is only characters 0x20..0x7E, the
+// alphabet of a structured-field string: keys are stored in a text column,
+// and bytes outside it would be invalid UTF-8 to some databases.
+func printableASCII(b []byte) bool {
+	for _, c := range b {
+		if c < 0x20 || c > 0x7e {
+			return false
+		}
+	}
+	return true
 }
 
 // replaceUser serves PUT /users/{id}: both email and name are required and
