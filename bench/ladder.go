@@ -41,29 +41,29 @@ func LadderSteps() []Step {
 		{
 			Name:   "connection per request",
 			Change: "no pool: every query opens (and closes) its own database connection; no cache",
-			Flags:  []string{"--db-pool=off", "--cache=off", "--coalesce=off"},
+			Flags:  []string{"--db-pool=false", "--cache=off", "--coalesce=false"},
 		},
 		{
 			Name:   "pool",
 			Change: "a database connection pool; still no cache, every read is a query",
-			Flags:  []string{"--cache=off", "--coalesce=off"},
+			Flags:  []string{"--cache=off", "--coalesce=false"},
 		},
 		{
 			Name:       "pool + Redis cache-aside",
 			Change:     "reads look in Redis first and fill it on a miss; writes invalidate",
-			Flags:      []string{"--cache=redis", "--coalesce=off"},
+			Flags:      []string{"--cache=redis", "--coalesce=false"},
 			NeedsRedis: true,
 		},
 		{
 			Name:       "+ local tier",
 			Change:     "an in-process cache in front of Redis: hot reads cost no network round trip",
-			Flags:      []string{"--cache=tiered", "--coalesce=off"},
+			Flags:      []string{"--cache=tiered", "--coalesce=false"},
 			NeedsRedis: true,
 		},
 		{
 			Name:       "+ coalescing/batching",
 			Change:     "concurrent misses for one id share one load; misses for different ids are batched into one query",
-			Flags:      []string{"--cache=tiered", "--coalesce=on"},
+			Flags:      []string{"--cache=tiered", "--coalesce=true"},
 			NeedsRedis: true,
 		},
 	}
@@ -246,7 +246,7 @@ func runStep(ctx context.Context, cfg *LadderConfig, step Step, sr *StepResult, 
 	case err == nil:
 	case errors.Is(err, errUsage):
 		sr.Status = StepSkipped
-		sr.Note = "serve rejected the step's flags: " + srv.out.lastLine()
+		sr.Note = "serve rejected the step's flags: " + srv.out.firstLine()
 		return
 	default:
 		sr.Status, sr.Note = StepFailed, err.Error()
@@ -420,6 +420,19 @@ func (t *tailBuffer) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// firstLine returns the first non-empty line still held: for a command
+// that failed on its flags, the flag package's message.
+func (t *tailBuffer) firstLine() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for l := range bytes.SplitSeq(t.buf, []byte("\n")) {
+		if l = bytes.TrimSpace(l); len(l) > 0 {
+			return string(l)
+		}
+	}
+	return ""
+}
+
 // lastLine returns the last non-empty line written.
 func (t *tailBuffer) lastLine() string {
 	t.mu.Lock()
@@ -537,9 +550,13 @@ func WriteLadderTable(w io.Writer, res *LadderResult) error {
 	fmt.Fprintf(bw, "\n%s\n\n", res.Settings.describe())
 	tw := tabwriter.NewWriter(bw, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "step\tconfiguration\treq/s\tgain\tvs step 1\tp50\tp99\tp99.9\terrors\t")
+	var notes []string
 	for _, s := range res.Steps {
+		if s.Note != "" {
+			notes = append(notes, fmt.Sprintf("step %d %s: %s", s.Step, s.Status, s.Note))
+		}
 		if s.Status != StepRan || s.Result == nil {
-			fmt.Fprintf(tw, "%d\t%s\t%s: %s\t\t\t\t\t\t\t\n", s.Step, s.Name, s.Status, s.Note)
+			fmt.Fprintf(tw, "%d\t%s\t%s\t\t\t\t\t\t\t\n", s.Step, s.Name, s.Status)
 			continue
 		}
 		t := s.Result.Total
@@ -549,6 +566,9 @@ func WriteLadderTable(w io.Writer, res *LadderResult) error {
 	}
 	if err := tw.Flush(); err != nil {
 		return fmt.Errorf("write ladder table: %w", err)
+	}
+	if len(notes) > 0 {
+		fmt.Fprintf(bw, "\n%s\n", strings.Join(notes, "\n"))
 	}
 	if err := bw.Flush(); err != nil {
 		return fmt.Errorf("write ladder table: %w", err)
