@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -140,11 +141,13 @@ func startRedis(t *testing.T, configured string) string {
 		bin = "/usr/bin/redis-server"
 	}
 	port := freePorts(t, 1)[0]
+	dir := t.TempDir()
+	logFile := filepath.Join(dir, "redis.log")
 	cmd := exec.Command(bin, "--port", strconv.Itoa(port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--dir", t.TempDir(), "--daemonize", "no",
-		"--loglevel", "warning")
-	out := &strings.Builder{}
-	cmd.Stdout, cmd.Stderr = out, out
+		"--save", "", "--appendonly", "no", "--dir", dir, "--daemonize", "no",
+		"--loglevel", "warning", "--logfile", logFile)
+	// Killed with the test binary even if it dies before its cleanups run.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start redis-server: %v", err)
 	}
@@ -154,6 +157,7 @@ func startRedis(t *testing.T, configured string) string {
 	})
 	u := fmt.Sprintf("redis://127.0.0.1:%d/0", port)
 	if err := pingRedis(u, 5*time.Second); err != nil {
+		out, _ := os.ReadFile(logFile)
 		t.Fatalf("own redis-server on port %d: %v\n%s", port, err, out)
 	}
 	return u
