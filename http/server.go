@@ -105,7 +105,7 @@ type Server struct {
 	metrics *metrics
 
 	ready     atomic.Pointer[func(context.Context) error]
-	wasReady  atomic.Bool // last /readyz result, to log only transitions
+	readiness atomic.Int32 // last /readyz result (readyUnknown, …), to log only changes
 	requestID requestIDs
 	deadlines deadlines
 

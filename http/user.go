@@ -373,12 +373,23 @@ func (s *Server) livez(rc *fasthttp.RequestCtx, _ context.Context) error {
 	return nil
 }
 
+// Readiness states, for logging changes only.
+const (
+	readyUnknown = iota
+	readyYes
+	readyNo
+)
+
 // readyz answers 200 once the readiness check (store.Ping: database
 // reachable and migrated) passes, 503 with Retry-After before and while
 // it fails. Balancers use it to send traffic only to ready instances.
 func (s *Server) readyz(rc *fasthttp.RequestCtx, ctx context.Context) error {
 	err := (*s.ready.Load())(ctx)
-	if was := s.wasReady.Swap(err == nil); was != (err == nil) {
+	now := int32(readyYes)
+	if err != nil {
+		now = readyNo
+	}
+	if s.readiness.Swap(now) != now {
 		if err != nil {
 			s.log.Warn("not ready", "err", err)
 		} else {
