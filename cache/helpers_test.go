@@ -58,6 +58,13 @@ func postgresURL() string { return os.Getenv(envPostgres) }
 // create than a database, and as private.
 func newPostgres(tb testing.TB) userapi.Store {
 	tb.Helper()
+	return newPostgresVia(tb, "", postgres.Options{MaxConns: 8})
+}
+
+// newPostgresVia is newPostgres connecting through hostport (a fault
+// proxy) when it is not empty.
+func newPostgresVia(tb testing.TB, hostport string, opts postgres.Options) userapi.Store {
+	tb.Helper()
 	base := postgresURL()
 	ctx := testContext(tb)
 	admin, err := pgx.Connect(ctx, base)
@@ -89,7 +96,11 @@ func newPostgres(tb testing.TB) userapi.Store {
 	q := u.Query()
 	q.Set("search_path", schema)
 	u.RawQuery = q.Encode()
-	s, err := postgres.Open(ctx, u.String(), postgres.Options{Migrate: true, MaxConns: 8})
+	if hostport != "" {
+		u.Host = hostport
+	}
+	opts.Migrate = true
+	s, err := postgres.Open(ctx, u.String(), opts)
 	if err != nil {
 		tb.Fatalf("postgres.Open: %v", err)
 	}
