@@ -167,19 +167,20 @@ type collector struct {
 	ops [numOps]*opAgg
 	lag *hdrhistogram.Histogram
 
-	// The current second.
-	sec       *hdrhistogram.Histogram
-	secMaxNS  int64
-	secCount  int64
-	secErrors int64
-	lastTick  int64
+	// The current second, and the one before (see tick).
+	sec                              *hdrhistogram.Histogram
+	secMaxNS, secCount, secErrors    int64
+	lastTick                         int64
+	prev                             *hdrhistogram.Histogram
+	prevMaxNS, prevCount, prevErrors int64
+	prevFrom                         int64
 
 	first, last int64 // measured window, ns since the start
 	series      []Second
 }
 
 func newCollector(cfg *Config, progress io.Writer) *collector {
-	c := &collector{cfg: cfg, warm: int64(cfg.Warmup), progress: progress, sec: newHist(), first: math.MaxInt64}
+	c := &collector{cfg: cfg, warm: int64(cfg.Warmup), progress: progress, sec: newHist(), prev: newHist(), first: math.MaxInt64}
 	for op := range numOps {
 		c.ops[op] = newOpAgg()
 	}
@@ -240,24 +241,40 @@ func (c *collector) add(s sample) {
 	}
 }
 
-// tick closes the current second at now (ns since the start).
-func (c *collector) tick(now int64) {
+// tick closes the current second at now (ns since the start). The final
+// tick, at the end of the run, closes a partial interval: when it is under
+// half a second (the in-flight requests finishing), it is folded into the
+// last second rather than drawn as a second of its own with a misleadingly
+// low rate.
+func (c *collector) tick(now int64, final bool) {
 	span := now - c.lastTick
-	if span <= 0 || (c.secCount == 0 && now-c.lastTick < int64(time.Second/2)) {
-		return // the final tick right after a regular one adds nothing
+	if span <= 0 || (c.secCount == 0 && final) {
+		return
+	}
+	from := c.lastTick
+	merged := final && span < int64(time.Second/2) && len(c.series) > 0
+	if merged {
+		c.prev.Merge(c.sec)
+		c.sec.Reset()
+		c.secCount += c.prevCount
+		c.secErrors += c.prevErrors
+		c.secMaxNS = max(c.secMaxNS, c.prevMaxNS)
+		c.sec, c.prev = c.prev, c.sec
+		c.series = c.series[:len(c.series)-1]
+		from = c.prevFrom
 	}
 	s := Second{
 		T:              float64(now) / float64(time.Second),
-		Warmup:         c.lastTick < c.warm,
+		Warmup:         from < c.warm,
 		Requests:       c.secCount,
-		RequestsPerSec: float64(c.secCount) / (float64(span) / float64(time.Second)),
+		RequestsPerSec: float64(c.secCount) / (float64(now-from) / float64(time.Second)),
 		P50:            usToMs(c.sec.ValueAtPercentile(50)),
 		P99:            usToMs(c.sec.ValueAtPercentile(99)),
 		Max:            nsToMs(c.secMaxNS),
 		Errors:         c.secErrors,
 	}
 	c.series = append(c.series, s)
-	if c.progress != nil {
+	if c.progress != nil && !merged {
 		phase := ""
 		if s.Warmup {
 			phase = "  (warm-up)"
@@ -265,7 +282,11 @@ func (c *collector) tick(now int64) {
 		fmt.Fprintf(c.progress, "%5.0fs %10.0f req/s   p50 %s   p99 %s   errors %d%s\n",
 			s.T, s.RequestsPerSec, fmtMs(s.P50), fmtMs(s.P99), s.Errors, phase)
 	}
+	// Keep this second's histogram as prev, in case the final tick folds
+	// into it, and start the next one empty.
+	c.sec, c.prev = c.prev, c.sec
 	c.sec.Reset()
+	c.prevCount, c.prevErrors, c.prevMaxNS, c.prevFrom = c.secCount, c.secErrors, c.secMaxNS, from
 	c.secMaxNS, c.secCount, c.secErrors = 0, 0, 0
 	c.lastTick = now
 }

@@ -581,7 +581,7 @@ loop:
 		select {
 		case <-ticker.C:
 			drainAll()
-			col.tick(int64(time.Since(r.t0)))
+			col.tick(int64(time.Since(r.t0)), false)
 		case <-watch.C:
 			cutoff := int64(time.Since(r.t0) - cfg.Timeout)
 			for _, s := range senders {
@@ -609,7 +609,7 @@ loop:
 	ticker.Stop()
 	watch.Stop()
 	drainAll()
-	col.tick(int64(time.Since(r.t0)))
+	col.tick(int64(time.Since(r.t0)), true)
 	for _, s := range senders {
 		s.disconnect()
 	}
