@@ -81,6 +81,14 @@ func TestCoherence(t *testing.T) {
 		}
 		instances[i] = newCache(t, db, cfg)
 	}
+	eventually(t, 5*time.Second, "instances healthy", func() bool {
+		for _, s := range instances {
+			if !healthy(s) {
+				return false
+			}
+		}
+		return true
+	})
 
 	var hmu sync.Mutex
 	var history []coherenceOp
