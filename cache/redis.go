@@ -108,6 +108,8 @@ type redisTier struct {
 
 	beat     chan struct{} // our own heartbeat came back
 	lastBeat atomic.Int64  // unix nanoseconds
+
+	dialWarned bool // recover's own: the first failed connection was logged
 }
 
 type clientBox struct {
@@ -346,6 +348,7 @@ func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry, hea
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	defer cancel()
 	res := c.DoMulti(ctx, cmds...)
+	var failure error // one failed round trip is one failure for the breaker
 	for j, rr := range res {
 		n, err := rr.AsInt64()
 		if err != nil {
@@ -359,10 +362,9 @@ func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry, hea
 		}
 		if err != nil {
 			m.redisError.Inc()
-			r.failed(err)
+			failure = err
 			continue
 		}
-		r.succeeded()
 		switch n {
 		case 1:
 			m.fillRedisInstalled.Inc()
@@ -371,6 +373,11 @@ func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry, hea
 		default:
 			m.fillRedisUnchanged.Inc()
 		}
+	}
+	if failure != nil {
+		r.failed(failure)
+	} else {
+		r.succeeded()
 	}
 }
 
@@ -450,7 +457,10 @@ func (r *redisTier) recover() {
 	if r.box.Load() == nil {
 		c, err := rueidis.NewClient(*r.opt)
 		if err != nil {
-			r.s.log.Debug("redis unreachable", "err", err)
+			if !r.dialWarned {
+				r.s.log.Warn("redis unreachable, failing open to the database until it answers", "err", err)
+				r.dialWarned = true
+			}
 			return
 		}
 		r.box.Store(&clientBox{c: c, own: true})
@@ -458,18 +468,19 @@ func (r *redisTier) recover() {
 	if r.usable() && r.npending.Load() == 0 && !r.overflowed.Load() {
 		return
 	}
-	ctx, cancel := context.WithTimeout(r.s.ctx, 4*r.timeout)
-	defer cancel()
 	c := r.client()
 	if !r.usable() {
-		if err := c.Do(ctx, c.B().Ping().Build()).Error(); err != nil {
-			return
+		ctx, cancel := context.WithTimeout(r.s.ctx, 4*r.timeout)
+		err := c.Do(ctx, c.B().Ping().Build()).Error()
+		if err == nil {
+			err = r.loadGen(ctx)
 		}
-		if err := r.loadGen(ctx); err != nil {
+		cancel()
+		if err != nil {
 			return
 		}
 	}
-	if err := r.applyPending(ctx); err != nil {
+	if err := r.applyPending(r.s.ctx); err != nil {
 		r.s.log.Debug("redis: pending invalidations not applied yet", "err", err)
 		return
 	}
@@ -497,9 +508,12 @@ func (r *redisTier) loadGen(ctx context.Context) error {
 
 // applyPending applies the remembered invalidations, or, if there were too
 // many to remember, moves every instance to a new, empty key generation.
+// Each round trip has its own deadline; ctx only ends the whole.
 func (r *redisTier) applyPending(ctx context.Context) error {
 	c := r.client()
 	if r.overflowed.Load() {
+		ctx, cancel := context.WithTimeout(ctx, 4*r.timeout)
+		defer cancel()
 		g, err := c.Do(ctx, c.B().Incr().Key(r.genKey).Build()).AsInt64()
 		if err != nil {
 			return fmt.Errorf("redis new generation: %w", err)
@@ -534,24 +548,34 @@ func (r *redisTier) applyPending(ctx context.Context) error {
 		execs = append(execs, rueidis.LuaExec{Keys: []string{r.key(id)}, Args: r.invalidateArgs(id, v)})
 		ids = append(ids, id)
 	}
-	var firstErr error
-	for i, res := range r.inval.ExecMulti(ctx, c, execs...) {
-		if err := res.Error(); err != nil {
-			if firstErr == nil {
-				firstErr = err
-			}
-			continue
-		}
-		r.s.m.invSent.Inc()
+	// In chunks, each with its own deadline, so a large backlog drains
+	// step by step instead of timing out as a whole.
+	const chunk = 512
+	for lo := 0; lo < len(execs); lo += chunk {
+		hi := min(lo+chunk, len(execs))
+		cctx, cancel := context.WithTimeout(ctx, 4*r.timeout)
+		res := r.inval.ExecMulti(cctx, c, execs[lo:hi]...)
+		cancel()
+		var firstErr error
 		r.pmu.Lock()
-		if v, ok := r.pending[ids[i]]; ok && v <= snap[ids[i]] {
-			delete(r.pending, ids[i])
+		for i, rr := range res {
+			if err := rr.Error(); err != nil {
+				if firstErr == nil {
+					firstErr = err
+				}
+				continue
+			}
+			r.s.m.invSent.Inc()
+			id := ids[lo+i]
+			if v, ok := r.pending[id]; ok && v <= snap[id] {
+				delete(r.pending, id)
+			}
 		}
 		r.npending.Store(int64(len(r.pending)))
 		r.pmu.Unlock()
-	}
-	if firstErr != nil {
-		return fmt.Errorf("redis apply invalidations: %w", firstErr)
+		if firstErr != nil {
+			return fmt.Errorf("redis apply invalidations: %w", firstErr)
+		}
 	}
 	return nil
 }

@@ -416,3 +416,48 @@ func TestInjectedClientNotClosed(t *testing.T) {
 		}
 	}
 }
+
+// TestPendingBacklog: a backlog of missed invalidations larger than one
+// round trip's worth is applied in full before Redis is used again, and no
+// instance serves a stale entry afterwards.
+func TestPendingBacklog(t *testing.T) {
+	srv := startRedis(t)
+	db := newSQLite(t)
+	const n = 600 // more than one chunk of applyPending
+	if err := db.(userapi.Seeder).SeedUsers(testContext(t), 1, n, func(int) {}); err != nil {
+		t.Fatal(err)
+	}
+	page, err := db.ListUsers(testContext(t), userapi.UserFilter{Limit: n})
+	if err != nil || len(page) != n {
+		t.Fatalf("seeded %d users, %v", len(page), err)
+	}
+	prefix := testPrefix()
+	a := newCache(t, db, fastTiered(srv.url(), prefix))
+	b := newCache(t, db, fastTiered(srv.url(), prefix))
+	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	for _, u := range page {
+		version(t, a, u.ID)
+		version(t, b, u.ID) // Redis and both local tiers hold version 1
+	}
+	srv.pause()
+	for _, u := range page {
+		rename(t, a, u.ID, "Backlog")
+	}
+	if got := a.redis.npending.Load(); got != n {
+		t.Fatalf("%d invalidations pending, want %d", got, n)
+	}
+	time.Sleep(1200 * time.Millisecond) // past the connections' write timeout
+	srv.resume()
+	eventually(t, 5*time.Second, "backlog applied", func() bool { return healthy(a) && healthy(b) })
+	for _, c := range []*Store{a, b} {
+		for _, u := range page {
+			if v := version(t, c, u.ID); v != 2 {
+				t.Fatalf("user %d read as version %d after recovery, want 2", u.ID, v)
+			}
+		}
+	}
+	for _, u := range page[:20] {
+		checkTiers(t, a, db, u.ID)
+		checkTiers(t, b, db, u.ID)
+	}
+}
