@@ -13,7 +13,7 @@ const ladderTmpl = `{{define "body"}}
 <p class="note">Each step starts a fresh <code>userapi serve</code> with the flags shown, runs the same workload against it and stops it. Gains compare requests/s with the previous step that ran.</p>
 
 <h2>Throughput by step</h2>
-<figure>{{.Throughput}}<figcaption>Requests per second of each step; above each bar the gain over the previous step.</figcaption></figure>
+<figure>{{.Throughput}}<figcaption>Requests per second of each step; above each bar its rate and the gain over the previous step that ran.</figcaption></figure>
 
 <h2>Tail latency by step</h2>
 <figure>{{.P99}}<figcaption>p99 latency of each step (lower is better).</figcaption></figure>
@@ -61,9 +61,9 @@ func WriteLadderReport(w io.Writer, res *LadderResult) error {
 		if row.Ran {
 			row.T = s.Result.Total
 			row.Gain, row.GainFirst = fmtGain(s.Gain), fmtGain(s.GainOverFirst)
-			note := ""
+			note := fmtNum(row.T.RequestsPerSec)
 			if s.Gain > 0 {
-				note = fmtGain(s.Gain)
+				note += " " + fmtGain(s.Gain)
 			}
 			thr.Bars = append(thr.Bars, bar{Label: shortLabel(s), Value: row.T.RequestsPerSec, Note: note, Color: palette(i)})
 			p99.Bars = append(p99.Bars, bar{Label: shortLabel(s), Value: row.T.Latency.P99, Note: fmtMs(row.T.Latency.P99), Color: palette(i)})

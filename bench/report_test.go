@@ -223,21 +223,28 @@ func TestLadderReport(t *testing.T) {
 	}
 }
 
-// sampleLadder is a ladder result with two steps that ran (the same run
-// scaled) and the rest skipped.
+// sampleLadder is a ladder result whose steps 1, 2, 4 and 5 ran (the same
+// run, scaled) and step 3 was skipped.
 func sampleLadder(t *testing.T) *LadderResult {
 	t.Helper()
-	r1 := sampleResult(t)
-	r2 := *r1
-	r2.Total.RequestsPerSec *= 2.5
-	res := &LadderResult{Schema: LadderSchema, DB: "postgres://bench@127.0.0.1/db", Settings: r1.Settings, Machine: r1.Machine, StartedAt: r1.StartedAt}
+	base := sampleResult(t)
+	res := &LadderResult{Schema: LadderSchema, DB: "postgres://bench@127.0.0.1/db", Settings: base.Settings, Machine: base.Machine, StartedAt: base.StartedAt}
+	res.Settings.URL = ""
+	scale := []float64{0.02, 1, 0, 1.4, 1.7}
+	first, prev := 0.0, 0.0
 	for i, s := range LadderSteps() {
 		sr := StepResult{Step: i + 1, Name: s.Name, Change: s.Change, Flags: s.Flags, Status: StepSkipped, Note: "needs --redis"}
-		switch i {
-		case 0:
-			sr.Status, sr.Note, sr.Result, sr.GainOverFirst = StepRan, "", r1, 1
-		case 1:
-			sr.Status, sr.Note, sr.Result, sr.Gain, sr.GainOverFirst = StepRan, "", &r2, 2.5, 2.5
+		if scale[i] > 0 {
+			r := *base
+			r.Total.RequestsPerSec *= scale[i]
+			rps := r.Total.RequestsPerSec
+			if first == 0 {
+				first = rps
+			} else {
+				sr.Gain = rps / prev
+			}
+			sr.Status, sr.Note, sr.Result, sr.GainOverFirst = StepRan, "", &r, rps/first
+			prev = rps
 		}
 		res.Steps = append(res.Steps, sr)
 	}

@@ -185,7 +185,8 @@ func (c *lineChart) svg() template.HTML {
 	sy := func(y float64) float64 { return marginTop + ph - min(max(y/ytop, 0), 1.02)*ph }
 
 	var b strings.Builder
-	openSVG(&b, c.Title)
+	legendItems, extra := layoutLegend(c.Lines)
+	openSVG(&b, c.Title, extra)
 	for _, bd := range c.Bands {
 		x0, x1 := sx(max(bd.From, xmin)), sx(min(bd.To, xmax))
 		if x1 > x0 {
@@ -201,7 +202,11 @@ func (c *lineChart) svg() template.HTML {
 	for _, t := range xt {
 		x := sx(t.At)
 		fmt.Fprintf(&b, `<line class="xtick" x1="%s" x2="%s" y1="%s" y2="%s"/>`, f1(x), f1(x), f1(marginTop+ph), f1(marginTop+ph+5))
-		fmt.Fprintf(&b, `<text class="tick" x="%s" y="%s" text-anchor="middle">%s</text>`, f1(x), f1(marginTop+ph+18), esc(t.Label))
+		anchor := "middle"
+		if x > chartW-marginRight-24 { // keep the last label inside the frame
+			anchor = "end"
+		}
+		fmt.Fprintf(&b, `<text class="tick" x="%s" y="%s" text-anchor="%s">%s</text>`, f1(x), f1(marginTop+ph+18), anchor, esc(t.Label))
 	}
 	fmt.Fprintf(&b, `<line class="axis" x1="%d" x2="%d" y1="%s" y2="%s"/>`, marginLeft, chartW-marginRight, f1(marginTop+ph), f1(marginTop+ph))
 	axisLabels(&b, c.X.Label, c.Y.Label)
@@ -235,13 +240,15 @@ func (c *lineChart) svg() template.HTML {
 			}
 		}
 	}
-	legend(&b, c.Lines)
+	drawLegend(&b, legendItems)
 	b.WriteString(`</svg>`)
 	return template.HTML(b.String())
 }
 
-func openSVG(b *strings.Builder, title string) {
-	fmt.Fprintf(b, `<svg class="chart" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 %d %d" role="img" aria-label="%s">`, chartW, chartH, esc(title))
+// openSVG starts a chart; extra is added above the normal frame (for legend
+// rows).
+func openSVG(b *strings.Builder, title string, extra int) {
+	fmt.Fprintf(b, `<svg class="chart" xmlns="http://www.w3.org/2000/svg" viewBox="0 %d %d %d" role="img" aria-label="%s">`, -extra, chartW, chartH+extra, esc(title))
 	fmt.Fprintf(b, `<title>%s</title>`, esc(title))
 }
 
@@ -254,23 +261,49 @@ func axisLabels(b *strings.Builder, x, y string) {
 	}
 }
 
-// legend draws the series names in a row above the plot, right-aligned.
-func legend(b *strings.Builder, lines []line) {
+// legendItem is one series name placed in the legend.
+type legendItem struct {
+	x, y  float64
+	name  string
+	color string
+}
+
+// legendRowH is the height of one legend row.
+const legendRowH = 18
+
+// layoutLegend places the series names in rows above the plot, left to
+// right, wrapping at the chart's width. It returns the items and the extra
+// height the rows after the first one need; charts grow upward by it (the
+// viewBox starts at -extra), so the plot keeps its size.
+func layoutLegend(lines []line) (items []legendItem, extra int) {
 	if len(lines) < 2 {
-		return
+		return nil, 0
 	}
-	// Lay out from the right edge; ~7 units per character at 12px.
-	x := float64(chartW - marginRight)
-	for i := len(lines) - 1; i >= 0; i-- {
-		l := lines[i]
+	x, row := float64(marginLeft), 0
+	for i, l := range lines {
 		color := l.Color
 		if color == "" {
 			color = palette(i)
 		}
-		w := float64(len([]rune(l.Name)))*6.8 + 26
-		x -= w
-		fmt.Fprintf(b, `<rect class="swatch" x="%s" y="12" width="14" height="4" fill="%s"/>`, f1(x), color)
-		fmt.Fprintf(b, `<text class="legend" x="%s" y="18">%s</text>`, f1(x+18), esc(l.Name))
+		// About 6.8 units per character at 12px, plus the swatch and a gap.
+		w := float64(len([]rune(l.Name)))*6.8 + 30
+		if x+w > chartW-marginRight && x > marginLeft {
+			x, row = marginLeft, row+1
+		}
+		items = append(items, legendItem{x: x, y: float64(row * legendRowH), name: l.Name, color: color})
+		x += w
+	}
+	extra = row * legendRowH
+	for i := range items {
+		items[i].y -= float64(extra)
+	}
+	return items, extra
+}
+
+func drawLegend(b *strings.Builder, items []legendItem) {
+	for _, it := range items {
+		fmt.Fprintf(b, `<rect class="swatch" x="%s" y="%s" width="14" height="4" fill="%s"/>`, f1(it.x), f1(it.y+12), it.color)
+		fmt.Fprintf(b, `<text class="legend" x="%s" y="%s">%s</text>`, f1(it.x+18), f1(it.y+18), esc(it.name))
 	}
 }
 
@@ -305,7 +338,7 @@ func (c *barChart) svg() template.HTML {
 	sy := func(y float64) float64 { return marginTop + ph - min(max(y/ytop, 0), 1)*ph }
 
 	var b strings.Builder
-	openSVG(&b, c.Title)
+	openSVG(&b, c.Title, 0)
 	for _, t := range yt {
 		y := sy(t.At)
 		fmt.Fprintf(&b, `<line class="grid" x1="%d" x2="%d" y1="%s" y2="%s"/>`, marginLeft, chartW-marginRight, f1(y), f1(y))

@@ -1,0 +1,80 @@
+#!/bin/sh
+# compare-wrk.sh: userapi bench against wrk, against the same server, in
+# alternation, so both see the same machine load.
+#
+#   bench/compare-wrk.sh [URL] [ROUNDS] [SECONDS] [CONNECTIONS]
+#
+# Without URL it builds and starts bench/cmd/fixedserver (a fasthttp server
+# answering every path with a fixed user) on a free 127.0.0.1 port, the
+# cheapest possible server, where the load generator's own cost matters most.
+# With URL (a running userapi, say) it sends GET URL/users/1 with wrk and
+# `--ids 1` reads with userapi bench, the same request stream.
+#
+# Each round runs wrk (2 threads, like the 2 cores it was designed for) and
+# then userapi bench, closed loop, with the same connections and duration,
+# and prints requests/s, p50 and p99 of both and their ratios. Needs wrk
+# (apt-get install -y wrk) and go.
+set -eu
+
+cd "$(dirname "$0")/.."
+url=${1:-}
+rounds=${2:-3}
+secs=${3:-5}
+conns=${4:-64}
+
+command -v wrk >/dev/null || { echo "compare-wrk: wrk is not installed (apt-get install -y wrk)" >&2; exit 1; }
+tmp=$(mktemp -d)
+srv_pid=
+cleanup() {
+	if [ -n "$srv_pid" ]; then kill "$srv_pid" 2>/dev/null || true; wait "$srv_pid" 2>/dev/null || true; fi
+	rm -rf "$tmp"
+}
+trap cleanup EXIT INT TERM
+
+go build -o "$tmp/userapi" ./cmd/userapi
+if [ -z "$url" ]; then
+	go build -o "$tmp/fixedserver" ./bench/cmd/fixedserver
+	port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+	"$tmp/fixedserver" --addr "127.0.0.1:$port" 2>"$tmp/fixed.log" &
+	srv_pid=$!
+	url="http://127.0.0.1:$port"
+	for _ in 1 2 3 4 5 6 7 8 9 10; do
+		curl -sf "$url/users/1" >/dev/null 2>&1 && break
+		sleep 0.2
+	done
+fi
+
+# ms converts wrk's "1.23ms" / "456.00us" / "1.20s" to milliseconds.
+ms() {
+	awk -v v="$1" 'BEGIN {
+		if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
+		else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
+		else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
+		else printf "%s", v }'
+}
+
+run_wrk() {
+	wrk -t2 -c"$conns" -d"${secs}s" --latency "$url/users/1" >"$tmp/wrk.txt"
+	w_rps=$(awk '/^Requests\/sec:/ {print $2}' "$tmp/wrk.txt")
+	w_p50=$(ms "$(awk '$1 == "50%" {print $2}' "$tmp/wrk.txt")")
+	w_p99=$(ms "$(awk '$1 == "99%" {print $2}' "$tmp/wrk.txt")")
+}
+
+run_bench() {
+	"$tmp/userapi" bench "$url" --connections "$conns" --duration "${secs}s" --warmup 0s --ids 1 --json --quiet >"$tmp/bench.json"
+	set -- $(python3 -c 'import json,sys; t=json.load(open(sys.argv[1]))["total"]; print(t["requests_per_sec"], t["latency_ms"]["p50"], t["latency_ms"]["p99"])' "$tmp/bench.json")
+	b_rps=$1 b_p50=$2 b_p99=$3
+}
+
+echo "server $url, $rounds rounds of ${secs}s, $conns connections, $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
+printf '%-6s %12s %9s %9s   %12s %9s %9s   %7s %7s %7s\n' round "wrk req/s" p50 p99 "bench req/s" p50 p99 "req/s" p50 p99
+i=1
+while [ "$i" -le "$rounds" ]; do
+	# Alternate who goes first, so neither always meets a colder server.
+	if [ $((i % 2)) -eq 1 ]; then run_wrk; run_bench; else run_bench; run_wrk; fi
+
+	printf '%-6s %12.0f %9s %9s   %12.0f %9s %9s   %7.2f %7.2f %7.2f\n' "$i" "$w_rps" "$w_p50" "$w_p99" "$b_rps" "$b_p50" "$b_p99" \
+		"$(echo "$b_rps / $w_rps" | bc -l)" "$(echo "$b_p50 / $w_p50" | bc -l)" "$(echo "$b_p99 / $w_p99" | bc -l)"
+	i=$((i + 1))
+done
+echo "ratios are userapi bench / wrk"
