@@ -10,10 +10,11 @@
 # With URL (a running userapi, say) it sends GET URL/users/1 with wrk and
 # `--ids 1` reads with userapi bench, the same request stream.
 #
-# Each round runs wrk (2 threads, like the 2 cores it was designed for) and
-# then userapi bench, closed loop, with the same connections and duration,
-# and prints requests/s, p50 and p99 of both and their ratios. Needs wrk
-# (apt-get install -y wrk) and go.
+# Each round runs wrk (2 threads, one per core of the 2-core machine) and
+# userapi bench, closed loop, with the same connections and duration (the
+# order alternates), and prints requests/s and the mean, p50 and p99
+# latency of both and their ratios. Needs wrk (apt-get install -y wrk), go,
+# python3, bc and curl.
 set -eu
 
 cd "$(dirname "$0")/.."
@@ -58,23 +59,26 @@ run_wrk() {
 	w_rps=$(awk '/^Requests\/sec:/ {print $2}' "$tmp/wrk.txt")
 	w_p50=$(ms "$(awk '$1 == "50%" {print $2}' "$tmp/wrk.txt")")
 	w_p99=$(ms "$(awk '$1 == "99%" {print $2}' "$tmp/wrk.txt")")
+	w_avg=$(ms "$(awk '$1 == "Latency" {print $2; exit}' "$tmp/wrk.txt")")
 }
 
 run_bench() {
 	"$tmp/userapi" bench "$url" --connections "$conns" --duration "${secs}s" --warmup 0s --ids 1 --json --quiet >"$tmp/bench.json"
-	set -- $(python3 -c 'import json,sys; t=json.load(open(sys.argv[1]))["total"]; print(t["requests_per_sec"], t["latency_ms"]["p50"], t["latency_ms"]["p99"])' "$tmp/bench.json")
-	b_rps=$1 b_p50=$2 b_p99=$3
+	set -- $(python3 -c 'import json,sys; t=json.load(open(sys.argv[1]))["total"]; print(t["requests_per_sec"], t["latency_ms"]["p50"], t["latency_ms"]["p99"], t["latency_ms"]["mean"])' "$tmp/bench.json")
+	b_rps=$1 b_p50=$2 b_p99=$3 b_avg=$4
 }
 
 echo "server $url, $rounds rounds of ${secs}s, $conns connections, $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
-printf '%-6s %12s %9s %9s   %12s %9s %9s   %7s %7s %7s\n' round "wrk req/s" p50 p99 "bench req/s" p50 p99 "req/s" p50 p99
+printf '%-5s %10s %7s %7s %7s   %11s %7s %7s %7s   %6s %6s %6s %6s\n' round "wrk req/s" mean p50 p99 "bench req/s" mean p50 p99 "req/s" mean p50 p99
 i=1
 while [ "$i" -le "$rounds" ]; do
 	# Alternate who goes first, so neither always meets a colder server.
 	if [ $((i % 2)) -eq 1 ]; then run_wrk; run_bench; else run_bench; run_wrk; fi
 
-	printf '%-6s %12.0f %9s %9s   %12.0f %9s %9s   %7.2f %7.2f %7.2f\n' "$i" "$w_rps" "$w_p50" "$w_p99" "$b_rps" "$b_p50" "$b_p99" \
-		"$(echo "$b_rps / $w_rps" | bc -l)" "$(echo "$b_p50 / $w_p50" | bc -l)" "$(echo "$b_p99 / $w_p99" | bc -l)"
+	printf '%-5s %10.0f %7.3f %7.3f %7.3f   %11.0f %7.3f %7.3f %7.3f   %6.2f %6.2f %6.2f %6.2f\n' \
+		"$i" "$w_rps" "$w_avg" "$w_p50" "$w_p99" "$b_rps" "$b_avg" "$b_p50" "$b_p99" \
+		"$(echo "$b_rps / $w_rps" | bc -l)" "$(echo "$b_avg / $w_avg" | bc -l)" \
+		"$(echo "$b_p50 / $w_p50" | bc -l)" "$(echo "$b_p99 / $w_p99" | bc -l)"
 	i=$((i + 1))
 done
-echo "ratios are userapi bench / wrk"
+echo "latencies in ms; ratios are userapi bench / wrk"
