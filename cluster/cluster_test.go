@@ -180,6 +180,27 @@ func TestForwardedHeaders(t *testing.T) {
 		}
 	})
 
+	t.Run("HTTP/1.0 without Host", func(t *testing.T) {
+		// nginx must still send the instance a Host header.
+		conn, err := net.Dial("tcp", strings.TrimPrefix(c.url, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.WriteString(conn, "GET /readyz HTTP/1.0\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Errorf("GET /readyz HTTP/1.0 without Host through nginx: %d, want 200", resp.StatusCode)
+		}
+	})
+
 	t.Run("metrics not public", func(t *testing.T) {
 		for _, path := range []string{"/metrics", "/metrics?x=1", "//metrics", "/%6Detrics"} {
 			if resp := get(outside, c.url+path, nil); resp.StatusCode != 404 {

@@ -262,6 +262,13 @@ func startCluster(t *testing.T, n int, serveFlags ...string) *cluster {
 		if err := c.script("down"); err != nil {
 			t.Errorf("scripts/cluster down: %v", err)
 		}
+		// down stops everything up started: nothing listens any more.
+		for _, p := range ports {
+			if conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", p), time.Second); err == nil {
+				conn.Close()
+				t.Errorf("port %d still accepts connections after scripts/cluster down", p)
+			}
+		}
 	})
 	if err := c.script(args...); err != nil {
 		t.Fatalf("scripts/cluster up: %v", err)
