@@ -226,9 +226,9 @@ type cluster struct {
 func startCluster(t *testing.T, n int, serveFlags ...string) *cluster {
 	t.Helper()
 	pgURL, redisURL := serverURLs(t)
-	bin := userapiBinary(t)
 	dbURL, pool := freshDatabase(t, pgURL)
 	redis := startRedis(t, redisURL)
+	bin := userapiBinary(t)
 	ports := freePorts(t, 1+2*n)
 	c := &cluster{
 		t:          t,
