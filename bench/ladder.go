@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/url"
 	"os"
@@ -156,6 +157,11 @@ func Ladder(ctx context.Context, cfg LadderConfig) (*LadderResult, error) {
 	}
 	if cfg.Steps == nil {
 		cfg.Steps = LadderSteps()
+	}
+	if cfg.Bench.Seed == 0 {
+		// One seed for every step: each step then gets the same sequence
+		// of operations and ids, a like-for-like comparison.
+		cfg.Bench.Seed = rand.Uint64()>>11 | 1
 	}
 	probe := cfg.Bench
 	probe.URL = "http://127.0.0.1:1"

@@ -190,6 +190,12 @@ func TestLadderStepsAndSkips(t *testing.T) {
 			t.Errorf("step %d: gain over first = %v", s.Step, s.GainOverFirst)
 		}
 	}
+	seed := res.Steps[1].Result.Settings.Seed
+	for _, s := range res.Steps[2:] {
+		if s.Result != nil && s.Result.Settings.Seed != seed {
+			t.Errorf("step %d seed %d, step 2 seed %d: want one seed for the ladder", s.Step, s.Result.Settings.Seed, seed)
+		}
+	}
 	if g := res.Steps[1]; g.Gain != 0 || g.GainOverFirst != 1 {
 		t.Errorf("first step that ran: gain %v, over first %v; want 0 (none before), 1", g.Gain, g.GainOverFirst)
 	}
