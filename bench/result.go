@@ -81,7 +81,8 @@ type Machine struct {
 type Stats struct {
 	Op string `json:"op"`
 	// Requests counts every measured request that completed or failed;
-	// OK + Conflicts + Errors = Requests.
+	// OK + Conflicts + Errors = Requests, except that the total's Errors
+	// also counts the open loop's unsent requests, which were never sent.
 	Requests  int64 `json:"requests"`
 	OK        int64 `json:"ok"`
 	Conflicts int64 `json:"conflicts"` // 412 on updates: lost a race, as expected under concurrency
