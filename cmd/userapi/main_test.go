@@ -228,6 +228,7 @@ func TestUsageErrors(t *testing.T) {
 		{"serve", "--db", "oracle://x"},
 		{"serve", "--trusted-proxies", "not-an-ip"},
 		{"seed", "--users", "0"},
+		{"bench", "--connections", "x", "http://127.0.0.1:1"},
 	}
 	for _, args := range tests {
 		err := run(context.Background(), args, func(string) string { return "" }, io.Discard, io.Discard)
