@@ -75,6 +75,9 @@ func (s *Server) finish(rc *fasthttp.RequestCtx, ep *endpoint) {
 		s.recovered(rc, v)
 	}
 	s.compress(rc)
+	if s.draining.Load() {
+		rc.SetConnectionClose()
+	}
 	elapsed := time.Since(rc.Time())
 	ep.metrics.observe(rc.Response.StatusCode(), elapsed)
 	s.metrics.inFlight.Dec()

@@ -94,6 +94,15 @@ type Options struct {
 	// GzipMinBytes is the smallest response body that is compressed when
 	// the client accepts gzip; 0 means DefaultGzipMinBytes.
 	GzipMinBytes int
+
+	// DrainDelay is how long Shutdown keeps serving before it closes
+	// connections: /readyz answers 503 and every response carries
+	// Connection: close, so a balancer stops picking this instance and
+	// retires its keep-alive connections after a finished exchange rather
+	// than racing a request against the close (a POST written to a
+	// connection that closes under it cannot be retried safely). 0 closes
+	// at once.
+	DrainDelay time.Duration
 }
 
 // Server serves the API over a Store. Create it with NewServer.
@@ -104,6 +113,7 @@ type Server struct {
 	log     *slog.Logger
 	metrics *metrics
 
+	draining  atomic.Bool // set by Shutdown: answer with Connection: close
 	ready     atomic.Pointer[func(context.Context) error]
 	readiness atomic.Int32 // last /readyz result (readyUnknown, …), to log only changes
 	requestID requestIDs
@@ -203,10 +213,21 @@ func (s *Server) Handler() fasthttp.RequestHandler { return s.handler }
 // Shutdown and the accept error otherwise.
 func (s *Server) Serve(ln net.Listener) error { return s.srv.Serve(ln) }
 
-// Shutdown stops accepting connections, closes idle ones, and waits for
-// in-flight requests to finish. When ctx ends first it returns ctx.Err()
-// and leaves the remaining connections to finish on their own.
+// Shutdown drains the server: for DrainDelay (bounded by ctx) it keeps
+// serving with /readyz failing and Connection: close on every response,
+// then stops accepting, closes idle connections, and waits for in-flight
+// requests to finish. When ctx ends first it returns ctx.Err() and leaves
+// the remaining connections to finish on their own.
 func (s *Server) Shutdown(ctx context.Context) error {
+	s.draining.Store(true)
+	if s.opts.DrainDelay > 0 {
+		t := time.NewTimer(s.opts.DrainDelay)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+		}
+	}
 	return s.srv.ShutdownWithContext(ctx)
 }
 

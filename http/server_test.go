@@ -152,3 +152,50 @@ func TestParseErrors(t *testing.T) {
 		})
 	}
 }
+
+// TestShutdownDrains checks the drain before the close: during DrainDelay
+// the server still answers, /readyz says 503, and every response tells the
+// client to close the connection, so a balancer retires its keep-alive
+// connections after a finished exchange instead of racing the close.
+func TestShutdownDrains(t *testing.T) {
+	srv := NewServer(newSQLiteStore(t), Options{DrainDelay: 500 * time.Millisecond})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	base := "http://" + ln.Addr().String()
+
+	get := func(path string) *nethttp.Response {
+		t.Helper()
+		resp, err := nethttp.Get(base + path)
+		if err != nil {
+			t.Fatalf("GET %s during drain: %v", path, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp
+	}
+	if r := get("/readyz"); r.StatusCode != 200 || r.Close {
+		t.Fatalf("before shutdown /readyz = %d close=%v, want 200 keep-alive", r.StatusCode, r.Close)
+	}
+	shut := make(chan error, 1)
+	go func() { shut <- srv.Shutdown(context.Background()) }()
+	deadline := time.Now().Add(2 * time.Second)
+	for !srv.draining.Load() && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if r := get("/readyz"); r.StatusCode != 503 || !r.Close {
+		t.Errorf("draining /readyz = %d close=%v, want 503 with Connection: close", r.StatusCode, r.Close)
+	}
+	if r := get("/livez"); r.StatusCode != 200 || !r.Close {
+		t.Errorf("draining /livez = %d close=%v, want 200 with Connection: close", r.StatusCode, r.Close)
+	}
+	if err := <-shut; err != nil {
+		t.Errorf("Shutdown = %v", err)
+	}
+	if err := <-served; err != nil {
+		t.Errorf("Serve = %v after Shutdown", err)
+	}
+}

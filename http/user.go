@@ -2,6 +2,7 @@ package http
 
 import (
 	"context"
+	"errors"
 	"slices"
 	"strconv"
 
@@ -385,6 +386,9 @@ const (
 // it fails. Balancers use it to send traffic only to ready instances.
 func (s *Server) readyz(rc *fasthttp.RequestCtx, ctx context.Context) error {
 	err := (*s.ready.Load())(ctx)
+	if err == nil && s.draining.Load() {
+		err = errDraining
+	}
 	now := int32(readyYes)
 	if err != nil {
 		now = readyNo
@@ -397,9 +401,13 @@ func (s *Server) readyz(rc *fasthttp.RequestCtx, ctx context.Context) error {
 		}
 	}
 	if err != nil {
+		detail := "The service is not ready: its database is unreachable or not migrated."
+		if errors.Is(err, errDraining) {
+			detail = "The service is shutting down."
+		}
 		return &problem{
 			Status:     fasthttp.StatusServiceUnavailable,
-			Detail:     "The service is not ready: its database is unreachable or not migrated.",
+			Detail:     detail,
 			RetryAfter: true,
 		}
 	}
@@ -407,6 +415,9 @@ func (s *Server) readyz(rc *fasthttp.RequestCtx, ctx context.Context) error {
 	rc.Response.SetBodyString(`{"status":"ready"}`)
 	return nil
 }
+
+// errDraining is the readiness error while Shutdown drains.
+var errDraining = errors.New("shutting down")
 
 // openAPI serves the embedded OpenAPI 3.1 document.
 func (s *Server) openAPI(rc *fasthttp.RequestCtx, _ context.Context) error {

@@ -43,6 +43,8 @@ type config struct {
 	IdleTimeout     time.Duration
 	RequestTimeout  time.Duration
 	ShutdownTimeout time.Duration
+	DrainDelay      time.Duration
+	RedisPrefix     string
 
 	LogLevel  string
 	LogFormat string
@@ -67,6 +69,7 @@ func (c *config) serveFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Redis, "redis", "", "Redis URL (redis://host:6379/0); needed by the redis and tiered caches")
 	// 50ms: a healthy Redis on the same network answers in well under a
 	// millisecond; waiting longer only adds latency before failing open.
+	fs.StringVar(&c.RedisPrefix, "redis-prefix", "userapi:", "prefix of every Redis key and channel, to share one Redis between deployments")
 	fs.DurationVar(&c.RedisTimeout, "redis-timeout", 50*time.Millisecond, "deadline of every Redis call")
 	fs.StringVar(&c.Cache, "cache", "local", "cache mode: off, local, redis or tiered")
 	fs.BoolVar(&c.Coalesce, "coalesce", true, "coalesce concurrent loads of a key and batch misses into multi-key queries")
@@ -83,6 +86,9 @@ func (c *config) serveFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.IdleTimeout, "idle-timeout", 120*time.Second, "keep-alive idle time (above nginx's upstream keepalive_timeout)")
 	fs.DurationVar(&c.RequestTimeout, "request-timeout", 5*time.Second, "deadline of one request's work")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 15*time.Second, "how long shutdown drains in-flight requests")
+	// 1s: long enough for a balancer to finish the exchanges it has started
+	// on this instance's keep-alive connections and reconnect elsewhere.
+	fs.DurationVar(&c.DrainDelay, "drain-delay", time.Second, "on shutdown, keep serving this long with /readyz failing and Connection: close")
 	c.logFlags(fs)
 }
 
