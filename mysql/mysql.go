@@ -341,3 +341,7 @@ func (s *Store) tryTx(ctx context.Context, fn func(tx *sql.Tx) error) error {
 	}
 	return tx.Commit()
 }
+
+// PoolSize reports the most connections the store uses at once; the cache
+// sizes its concurrent batch loads by it.
+func (s *Store) PoolSize() int { return s.db.Stats().MaxOpenConnections }

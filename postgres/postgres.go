@@ -332,3 +332,13 @@ func unavailable(err error) bool {
 		errors.Is(err, io.EOF) ||
 		errors.Is(err, io.ErrUnexpectedEOF)
 }
+
+// PoolSize reports the most connections the store uses at once (0 in
+// NoPool mode, where it is unbounded); the cache sizes its concurrent
+// batch loads by it.
+func (s *Store) PoolSize() int {
+	if s.pool == nil {
+		return 0
+	}
+	return int(s.pool.Config().MaxConns)
+}

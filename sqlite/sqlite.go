@@ -402,3 +402,7 @@ func uniqueViolation(err error, column string) bool {
 	}
 	return strings.HasSuffix(err.Error(), "constraint failed: "+column)
 }
+
+// PoolSize reports the most reader connections the store uses at once;
+// the cache sizes its concurrent batch loads by it.
+func (s *Store) PoolSize() int { return s.reader.Stats().MaxOpenConnections }

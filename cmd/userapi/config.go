@@ -159,8 +159,12 @@ func redact(v string) string {
 	if err != nil {
 		return "<unparsable URL redacted>"
 	}
-	if _, ok := u.User.Password(); ok {
-		return u.Redacted()
+	q := u.Query()
+	for k := range q {
+		if strings.Contains(strings.ToLower(k), "password") {
+			q.Set(k, "xxxxx")
+			u.RawQuery = q.Encode()
+		}
 	}
-	return v
+	return u.Redacted()
 }

@@ -30,6 +30,9 @@ func main() {
 	case errors.Is(err, flag.ErrHelp):
 		os.Exit(0)
 	case errors.Is(err, errUsage):
+		if err != errUsage { // the bare error follows a usage text already printed
+			fmt.Fprintln(os.Stderr, "userapi:", err)
+		}
 		os.Exit(2)
 	default:
 		fmt.Fprintln(os.Stderr, "userapi:", err)

@@ -237,3 +237,53 @@ func TestUsageErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestReadyzBeforeDatabase checks that the service listens while it waits
+// for an unreachable database: /readyz and the API answer 503 with
+// Retry-After, /livez 200, and a cancel during the wait stops it cleanly.
+func TestReadyzBeforeDatabase(t *testing.T) {
+	addr := freeAddr(t)
+	dead := freeAddr(t) // nothing listens there
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	logs := &syncBuffer{}
+	go func() {
+		done <- run(ctx, []string{"serve", "--addr", addr, "--db", "postgres://postgres@" + dead + "/x?sslmode=disable",
+			"--db-wait", "30s", "--db-timeout", "200ms"}, func(string) string { return "" }, logs, logs)
+	}()
+	var resp *http.Response
+	var err error
+	for range 200 {
+		if resp, err = http.Get("http://" + addr + "/readyz"); err == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatalf("/readyz while waiting for the database: %v\n%s", err, logs)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 503 || resp.Header.Get("Retry-After") == "" {
+		t.Errorf("/readyz = %d Retry-After=%q, want 503 with Retry-After", resp.StatusCode, resp.Header.Get("Retry-After"))
+	}
+	for path, want := range map[string]int{"/livez": 200, "/users/1": 503} {
+		resp, err := http.Get("http://" + addr + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("%s while starting = %d, want %d", path, resp.StatusCode, want)
+		}
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("run = %v after a stop while starting, want nil", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("service did not stop while waiting for the database")
+	}
+}

@@ -63,15 +63,74 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	store, err := openStoreWaiting(ctx, &c, c.Migrate, log)
+	// The listeners come up first, over a store that answers 503 until the
+	// database is open, so /readyz says 503 (not "connection refused")
+	// while start-up waits for the database.
+	late := &lateStore{}
+	srv := http.NewServer(late, http.Options{
+		MaxBodyBytes:   c.MaxBody,
+		ReadTimeout:    c.ReadTimeout,
+		WriteTimeout:   c.WriteTimeout,
+		IdleTimeout:    c.IdleTimeout,
+		RequestTimeout: c.RequestTimeout,
+		DrainDelay:     c.DrainDelay,
+		PublicMetrics:  c.PublicMetrics,
+		Metrics:        reg,
+		TrustedProxies: proxies,
+		Logger:         log,
+		Registerer:     reg,
+	})
+	ln, err := net.Listen("tcp", c.Addr)
 	if err != nil {
-		return fmt.Errorf("open database: %w", err)
+		return fmt.Errorf("listen: %w", err)
+	}
+	errc := make(chan error, 2)
+	go func() { errc <- srv.Serve(ln) }()
+	log.Info("listening", "addr", "http://"+ln.Addr().String())
+
+	var debug *nethttp.Server
+	if c.DebugAddr != "" {
+		dln, err := net.Listen("tcp", c.DebugAddr)
+		if err != nil {
+			srv.Shutdown(context.Background())
+			return fmt.Errorf("debug listen: %w", err)
+		}
+		debug = &nethttp.Server{Handler: debugMux(reg), ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := debug.Serve(dln); !errors.Is(err, nethttp.ErrServerClosed) {
+				errc <- fmt.Errorf("debug server: %w", err)
+			}
+		}()
+		log.Info("debug listener", "addr", "http://"+dln.Addr().String())
+	}
+	// shutdown drains the public listener first (the debug one keeps
+	// serving metrics and profiles meanwhile), then closes the debug one.
+	shutdown := func() error {
+		log.Info("shutting down", "drain_delay", c.DrainDelay, "timeout", c.ShutdownTimeout)
+		sctx, cancel := context.WithTimeout(context.Background(), c.ShutdownTimeout)
+		defer cancel()
+		err := srv.Shutdown(sctx)
+		if debug != nil {
+			debug.Shutdown(sctx)
+		}
+		if err != nil {
+			return fmt.Errorf("shutdown: %w", err)
+		}
+		log.Info("stopped")
+		return nil
+	}
+
+	store, err := openStoreWaiting(ctx, &c, c.Migrate, log)
+	if err != nil && ctx.Err() != nil {
+		return shutdown() // stopped while waiting: a normal stop
+	}
+	if err != nil {
+		return errors.Join(fmt.Errorf("open database: %w", err), shutdown())
 	}
 	defer store.Close()
 	if m, ok := store.(interface{ RegisterMetrics(prometheus.Registerer) }); ok {
 		m.RegisterMetrics(reg)
 	}
-
 	cached, err := cache.New(ctx, store, cache.Config{
 		Mode:         mode,
 		Coalesce:     c.Coalesce,
@@ -87,63 +146,18 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 		Registerer:   reg,
 	})
 	if err != nil {
-		return fmt.Errorf("start cache: %w", err)
+		return errors.Join(fmt.Errorf("start cache: %w", err), shutdown())
 	}
 	defer cached.Close()
-
-	srv := http.NewServer(cached, http.Options{
-		MaxBodyBytes:   c.MaxBody,
-		ReadTimeout:    c.ReadTimeout,
-		WriteTimeout:   c.WriteTimeout,
-		IdleTimeout:    c.IdleTimeout,
-		RequestTimeout: c.RequestTimeout,
-		DrainDelay:     c.DrainDelay,
-		PublicMetrics:  c.PublicMetrics,
-		Metrics:        reg,
-		TrustedProxies: proxies,
-		Logger:         log,
-		Registerer:     reg,
-	})
-
-	ln, err := net.Listen("tcp", c.Addr)
-	if err != nil {
-		return fmt.Errorf("listen: %w", err)
-	}
-	errc := make(chan error, 2)
-	go func() { errc <- srv.Serve(ln) }()
-	log.Info("listening", "addr", "http://"+ln.Addr().String())
-
-	var debug *nethttp.Server
-	if c.DebugAddr != "" {
-		dln, err := net.Listen("tcp", c.DebugAddr)
-		if err != nil {
-			return fmt.Errorf("debug listen: %w", err)
-		}
-		debug = &nethttp.Server{Handler: debugMux(reg), ReadHeaderTimeout: 10 * time.Second}
-		go func() {
-			if err := debug.Serve(dln); !errors.Is(err, nethttp.ErrServerClosed) {
-				errc <- fmt.Errorf("debug server: %w", err)
-			}
-		}()
-		log.Info("debug listener", "addr", "http://"+dln.Addr().String())
-	}
+	late.set(cached)
+	log.Info("database open", "db", redact(c.DB))
 
 	select {
 	case err := <-errc:
-		return err
+		return errors.Join(err, shutdown())
 	case <-ctx.Done():
 	}
-	log.Info("shutting down", "drain", c.ShutdownTimeout)
-	sctx, cancel := context.WithTimeout(context.Background(), c.ShutdownTimeout)
-	defer cancel()
-	if debug != nil {
-		debug.Shutdown(sctx)
-	}
-	if err := srv.Shutdown(sctx); err != nil {
-		return fmt.Errorf("shutdown: %w", err)
-	}
-	log.Info("stopped")
-	return nil
+	return shutdown()
 }
 
 // debugMux serves pprof and metrics on the debug listener, which is off by

@@ -24,7 +24,7 @@ func backend(dbURL string) (string, error) {
 	switch scheme {
 	case "postgres", "postgresql":
 		return "postgres", nil
-	case "mysql", "mariadb":
+	case "mysql":
 		return "mysql", nil
 	case "sqlite", "sqlite3", "file":
 		return "sqlite", nil
