@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -92,9 +93,6 @@ const (
 	// query stays short (an index lookup per id) and far below SQLite's
 	// 32766 bound parameters.
 	DefaultMaxBatch = 128
-	// DefaultLoaders is the number of concurrent batch loads when neither
-	// Config.Loaders nor the store's pool size says otherwise.
-	DefaultLoaders = 8
 	// DefaultLoadTimeout is the deadline of one batch load; stores apply
 	// their own, shorter query timeout, so this is only a backstop.
 	DefaultLoadTimeout = 5 * time.Second
@@ -138,9 +136,12 @@ type Config struct {
 	// MaxBatch bounds the ids in one store.GetUsers.
 	MaxBatch int
 	// Loaders is the number of batch loads that may run at once. The
-	// default is the store's pool size when it reports one (PoolSize() int),
-	// else DefaultLoaders: more concurrent loads than connections would only
-	// queue in the pool, fewer would leave connections idle.
+	// default is GOMAXPROCS, capped by the store's pool size when it
+	// reports one (PoolSize() int). Fewer loaders make larger batches, and
+	// one multi-key query costs the database far less than as many
+	// single-row ones: uncached uniform reads over 1M PostgreSQL rows with
+	// 64 connections on 2 cores ran at ~48k req/s with 2 loaders against
+	// ~31k with 8 (average batch 7 ids vs about 2).
 	Loaders int
 	// LoadTimeout is the deadline of one batch load.
 	LoadTimeout time.Duration
@@ -242,9 +243,9 @@ func New(ctx context.Context, store userapi.Store, cfg Config) (*Store, error) {
 		cfg.MaxBatch = DefaultMaxBatch
 	}
 	if cfg.Loaders <= 0 {
-		cfg.Loaders = DefaultLoaders
+		cfg.Loaders = runtime.GOMAXPROCS(0)
 		if p, ok := store.(interface{ PoolSize() int }); ok && p.PoolSize() > 0 {
-			cfg.Loaders = p.PoolSize()
+			cfg.Loaders = min(cfg.Loaders, p.PoolSize())
 		}
 	}
 	if cfg.LoadTimeout <= 0 {

@@ -32,6 +32,7 @@ type config struct {
 	CacheTTL     time.Duration
 	NegativeTTL  time.Duration
 	MaxBatch     int
+	Loaders      int
 
 	DebugAddr      string
 	PublicMetrics  bool
@@ -77,6 +78,7 @@ func (c *config) serveFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.CacheTTL, "cache-ttl", 5*time.Minute, "time to live of cached users (jittered ±10%)")
 	fs.DurationVar(&c.NegativeTTL, "negative-ttl", 5*time.Second, "time to live of cached absent ids")
 	fs.IntVar(&c.MaxBatch, "max-batch", 128, "most ids loaded by one multi-key query")
+	fs.IntVar(&c.Loaders, "loaders", 0, "multi-key loads run at once (0: GOMAXPROCS, at most the pool size)")
 	fs.StringVar(&c.DebugAddr, "debug-addr", "", "listen address of the debug server with pprof and metrics (empty: off)")
 	fs.BoolVar(&c.PublicMetrics, "public-metrics", false, "also serve /metrics on the public listener")
 	fs.StringVar(&c.TrustedProxies, "trusted-proxies", "", "comma-separated addresses or CIDRs whose X-Forwarded-For is trusted")

@@ -141,7 +141,7 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 		RedisTimeout: c.RedisTimeout,
 		KeyPrefix:    c.RedisPrefix,
 		MaxBatch:     c.MaxBatch,
-		Loaders:      c.PoolSize,
+		Loaders:      c.Loaders,
 		Logger:       log,
 		Registerer:   reg,
 	})
