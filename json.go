@@ -1,6 +1,7 @@
 package userapi
 
 import (
+	"bytes"
 	"strconv"
 	"unicode/utf8"
 )
@@ -30,9 +31,12 @@ func (u *User) AppendJSON(b []byte) []byte {
 	return append(b, '}')
 }
 
-// Encode returns the user encoded once, for caching.
+// Encode returns the user encoded once, for caching. The JSON is encoded
+// into a stack buffer and copied out at its exact size: appending to nil
+// would leave up to half of a cached entry's bytes as unused capacity.
 func (u *User) Encode() Encoded {
-	return Encoded{ID: u.ID, Version: u.Version, JSON: u.AppendJSON(nil)}
+	var buf [512]byte
+	return Encoded{ID: u.ID, Version: u.Version, JSON: bytes.Clone(u.AppendJSON(buf[:0]))}
 }
 
 const hexDigits = "0123456789abcdef"

@@ -27,8 +27,10 @@ type entry struct {
 }
 
 // entryOverhead approximates an entry's memory beyond its JSON: the entry
-// struct, the slice header, otter's node and its hash-table slot.
-const entryOverhead = 128
+// struct (64 bytes with its size class), otter's node (about 84 bytes in a
+// heap profile of a full cache), its hash-table slot and sketch counters
+// (about 20), and the JSON's size-class rounding.
+const entryOverhead = 176
 
 // fillResult is the outcome of a version-guarded fill.
 type fillResult int

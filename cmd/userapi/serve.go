@@ -9,6 +9,7 @@ import (
 	"net"
 	nethttp "net/http"
 	"net/http/pprof"
+	"runtime/debug"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -59,6 +60,14 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 		return err
 	}
 	dump(log, fs)
+
+	// The heap is mostly the local cache. A soft memory limit of its budget
+	// plus 48 MiB (unless GOMEMLIMIT is set) makes the collector run
+	// before garbage doubles the heap, keeping the resident size within
+	// the budget plus 64 MiB (the rest is stacks and runtime metadata).
+	if getenv("GOMEMLIMIT") == "" && mode != cache.ModeOff && mode != cache.ModeRedis {
+		debug.SetMemoryLimit(c.CacheBytes + 48<<20)
+	}
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
