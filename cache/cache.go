@@ -412,7 +412,13 @@ func (s *Store) redisLookup(ctx context.Context, id int64) (enc userapi.Encoded,
 	}
 	if s.local != nil {
 		e.epoch = st
-		s.fillLocal(id, e, start)
+		if s.fillLocal(id, e, start) == fillStale {
+			// The local tier knows of a newer write (a tombstone from
+			// this instance or a notice from another) than Redis holds:
+			// Redis missed that invalidation, so ask the database.
+			s.m.redisMiss.Inc()
+			return enc, false, nil
+		}
 	}
 	if e.kind == kindAbsent {
 		s.m.redisNegHit.Inc()
@@ -554,12 +560,13 @@ func (s *Store) fill(rows []loaded, rs readStart) {
 
 // fillLocal installs e (its epoch set to the epoch read before the data
 // was) unless the tier holds something newer.
-func (s *Store) fillLocal(id int64, e *entry, start time.Time) {
+func (s *Store) fillLocal(id int64, e *entry, start time.Time) fillResult {
 	if time.Since(start) > s.cfg.TombstoneTTL/2 {
 		s.m.fillLate.Inc()
-		return
+		return fillSkipped
 	}
-	switch s.local.fill(id, e, &s.state) {
+	r := s.local.fill(id, e, &s.state)
+	switch r {
 	case fillInstalled:
 		s.m.fillLocalInstalled.Inc()
 	case fillStale:
@@ -569,6 +576,7 @@ func (s *Store) fillLocal(id int64, e *entry, start time.Time) {
 	case fillSkipped:
 		s.m.fillLocalSkipped.Inc()
 	}
+	return r
 }
 
 // jitter returns d ±10%, so entries filled together expire apart.

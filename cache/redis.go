@@ -466,6 +466,15 @@ func (r *redisTier) recover() {
 		r.box.Store(&clientBox{c: c, own: true})
 	}
 	if r.usable() && r.npending.Load() == 0 && !r.overflowed.Load() {
+		// The key generation is Redis's to say. Re-reading it every tick
+		// (one GET) lets an instance that missed a change (a lost notice,
+		// or a Redis restart that reset it) rejoin the others within a
+		// tick instead of reading keys no writer invalidates.
+		ctx, cancel := context.WithTimeout(r.s.ctx, 4*r.timeout)
+		if err := r.loadGen(ctx); err != nil {
+			r.s.log.Debug("redis: generation not read", "err", err)
+		}
+		cancel()
 		return
 	}
 	c := r.client()
@@ -500,8 +509,11 @@ func (r *redisTier) loadGen(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("redis generation: %w", err)
 	}
-	if g > r.gen.Load() {
+	if old := r.gen.Load(); g != old {
 		r.setGen(g)
+		// Entries were filled under the other generation, whose
+		// invalidations this instance may not have seen.
+		r.s.flushLocal()
 	}
 	return nil
 }

