@@ -10,7 +10,6 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
-	"net/url"
 	"os"
 	"os/exec"
 	"strconv"
@@ -21,6 +20,8 @@ import (
 	"time"
 
 	"github.com/valyala/fasthttp"
+
+	"userapi/internal/redact"
 )
 
 // Step is one rung of the optimization ladder: a configuration of
@@ -170,7 +171,7 @@ func Ladder(ctx context.Context, cfg LadderConfig) (*LadderResult, error) {
 	}
 
 	res := &LadderResult{
-		Schema: LadderSchema, DB: redact(cfg.DB), Redis: redact(cfg.Redis),
+		Schema: LadderSchema, DB: redact.URL(cfg.DB), Redis: redact.URL(cfg.Redis),
 		Machine: machineFacts(), StartedAt: time.Now().UTC(),
 	}
 	fmt.Fprintf(logw, "ladder: migrating %s\n", res.DB)
@@ -233,7 +234,11 @@ func runStep(ctx context.Context, cfg *LadderConfig, step Step, sr *StepResult, 
 	}
 	args := []string{"serve", "--addr", addr, "--db", cfg.DB}
 	if step.NeedsRedis {
-		args = append(args, "--redis", cfg.Redis)
+		// A key prefix of its own per step and run: every step starts
+		// with a cold Redis, and no step reads entries that an earlier
+		// step's writes (or an earlier run's) left behind.
+		args = append(args, "--redis", cfg.Redis,
+			"--redis-prefix", fmt.Sprintf("userapi-ladder:%016x:", rand.Uint64()))
 	}
 	args = append(args, step.Flags...)
 	args = append(args, cfg.ServeArgs...)
@@ -445,14 +450,6 @@ func (t *tailBuffer) lastLine() string {
 	defer t.mu.Unlock()
 	lines := bytes.Split(bytes.TrimSpace(t.buf), []byte("\n"))
 	return strings.TrimSpace(string(lines[len(lines)-1]))
-}
-
-func redact(raw string) string {
-	u, err := url.Parse(raw)
-	if err != nil || u.User == nil {
-		return raw
-	}
-	return u.Redacted()
 }
 
 // ladderMain is `userapi bench ladder …`.

@@ -57,6 +57,7 @@ func fakeUserapi(args []string) int {
 	addr := fs.String("addr", "127.0.0.1:8080", "")
 	fs.String("db", "", "")
 	redis := fs.String("redis", "", "")
+	fs.String("redis-prefix", "userapi:", "")
 	cache := fs.String("cache", "local", "")
 	fs.Bool("coalesce", true, "")
 	if os.Getenv("USERAPI_BENCH_FAKE_NO_DB_POOL") != "1" {
@@ -211,6 +212,7 @@ func TestLadderStepsAndSkips(t *testing.T) {
 	if len(serves) != len(steps) {
 		t.Fatalf("%d serve calls, want %d: %v", len(serves), len(steps), serves)
 	}
+	prefixes := map[string]bool{}
 	for i, c := range serves {
 		for _, f := range steps[i].Flags {
 			if !slices.Contains(c.args, f) {
@@ -220,6 +222,15 @@ func TestLadderStepsAndSkips(t *testing.T) {
 		hasRedis := slices.Contains(c.args, "--redis")
 		if hasRedis != steps[i].NeedsRedis {
 			t.Errorf("step %d: --redis passed = %v, want %v", i+1, hasRedis, steps[i].NeedsRedis)
+		}
+		if j := slices.Index(c.args, "--redis-prefix"); hasRedis {
+			if j < 0 {
+				t.Errorf("step %d has no Redis key prefix of its own", i+1)
+			} else if p := c.args[j+1]; prefixes[p] {
+				t.Errorf("step %d reuses Redis key prefix %q", i+1, p)
+			} else {
+				prefixes[p] = true
+			}
 		}
 		addr := c.args[slices.Index(c.args, "--addr")+1]
 		if !strings.HasPrefix(addr, "127.0.0.1:") || strings.HasSuffix(addr, ":0") {

@@ -5,9 +5,10 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"net/url"
 	"strings"
 	"time"
+
+	"userapi/internal/redact"
 )
 
 // envPrefix names the environment variables that back every flag:
@@ -147,26 +148,7 @@ func (c *config) trustedProxies() ([]netip.Prefix, error) {
 func dump(log *slog.Logger, fs *flag.FlagSet) {
 	var attrs []any
 	fs.VisitAll(func(f *flag.Flag) {
-		attrs = append(attrs, slog.String(f.Name, redact(f.Value.String())))
+		attrs = append(attrs, slog.String(f.Name, redact.URL(f.Value.String())))
 	})
 	log.Info("config", attrs...)
-}
-
-// redact hides the password of a URL-shaped value.
-func redact(v string) string {
-	if !strings.Contains(v, "://") {
-		return v
-	}
-	u, err := url.Parse(v)
-	if err != nil {
-		return "<unparsable URL redacted>"
-	}
-	q := u.Query()
-	for k := range q {
-		if strings.Contains(strings.ToLower(k), "password") {
-			q.Set(k, "xxxxx")
-			u.RawQuery = q.Encode()
-		}
-	}
-	return u.Redacted()
 }

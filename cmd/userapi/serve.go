@@ -18,6 +18,7 @@ import (
 
 	"userapi/cache"
 	"userapi/http"
+	"userapi/internal/redact"
 )
 
 func newLogger(c *config, w io.Writer) (*slog.Logger, error) {
@@ -159,7 +160,7 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 	}
 	defer cached.Close()
 	late.set(cached)
-	log.Info("database open", "db", redact(c.DB))
+	log.Info("database open", "db", redact.URL(c.DB))
 
 	select {
 	case err := <-errc:

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"userapi"
+	"userapi/internal/redact"
 	"userapi/mysql"
 	"userapi/postgres"
 	"userapi/sqlite"
@@ -19,7 +20,7 @@ import (
 func backend(dbURL string) (string, error) {
 	scheme, _, ok := strings.Cut(dbURL, ":")
 	if !ok {
-		return "", fmt.Errorf("%w: --db %q is not a URL (postgres://…, mysql://…, sqlite:PATH)", errUsage, redact(dbURL))
+		return "", fmt.Errorf("%w: --db %q is not a URL (postgres://…, mysql://…, sqlite:PATH)", errUsage, redact.URL(dbURL))
 	}
 	switch scheme {
 	case "postgres", "postgresql":
@@ -94,7 +95,7 @@ func migrate(ctx context.Context, args []string, getenv func(string) string, std
 	if err != nil {
 		return fmt.Errorf("migrate: %w", err)
 	}
-	fmt.Fprintf(stderr, "migrated %s\n", redact(c.DB))
+	fmt.Fprintf(stderr, "migrated %s\n", redact.URL(c.DB))
 	return s.Close()
 }
 
