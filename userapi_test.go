@@ -52,6 +52,7 @@ func TestNormalizeEmail(t *testing.T) {
 		{" ada@example.com", "", false},
 		{"a@b@c", "", false},
 		{strings.Repeat("a", 250) + "@x.io", "", false},
+		{strings.Repeat("Ⱥ", 124) + "@x.io", "", false}, // 253 bytes, 377 lower-cased
 	}
 	for _, tt := range tests {
 		got, err := userapi.NormalizeEmail(tt.in)

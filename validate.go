@@ -18,10 +18,13 @@ const (
 // and returns it lower-cased.
 func NormalizeEmail(s string) (string, error) {
 	var v ValidationError
+	// The limit applies to the stored, lower-cased form: lower-casing can
+	// lengthen a string (U+023A Ⱥ is 2 bytes, ⱥ is 3).
+	lower := strings.ToLower(s)
 	switch {
 	case s == "":
 		v.add("email", "is required")
-	case len(s) > MaxEmailBytes:
+	case len(s) > MaxEmailBytes || len(lower) > MaxEmailBytes:
 		v.add("email", "must be at most 254 bytes")
 	default:
 		addr, err := mail.ParseAddress(s)
@@ -32,7 +35,7 @@ func NormalizeEmail(s string) (string, error) {
 	if err := v.orNil(); err != nil {
 		return "", err
 	}
-	return strings.ToLower(s), nil
+	return lower, nil
 }
 
 // NormalizeName trims surrounding white space and checks that the rest is

@@ -560,3 +560,19 @@ func TestCloseFailsWaiters(t *testing.T) {
 }
 
 func ptr(s string) *string { return &s }
+
+// TestReadAfterClose: reads that reach the loader after Close fail at once
+// with ErrUnavailable; none waits out its deadline, and none leaves its id
+// stuck for the next reader.
+func TestReadAfterClose(t *testing.T) {
+	c := newCache(t, newSQLite(t), Config{Mode: ModeOff, Coalesce: true})
+	c.Close()
+	for id := range int64(100) {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_, err := c.GetUserEncoded(ctx, id+1)
+		cancel()
+		if !errors.Is(err, userapi.ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("read %d after Close = %v, want an immediate ErrUnavailable", id+1, err)
+		}
+	}
+}

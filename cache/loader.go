@@ -80,6 +80,14 @@ func (l *loader) load(ctx context.Context, id int64) (*call, error) {
 	} else {
 		select {
 		case l.queue <- c:
+			// Closed meanwhile: the workers may have drained the queue
+			// before c arrived, so drain it here rather than leave c
+			// waiting out its deadline with its id held in inflight.
+			select {
+			case <-l.done:
+				l.drain()
+			default:
+			}
 		case <-l.done:
 			l.finish([]*call{c}, errClosed)
 		case <-ctx.Done():
