@@ -8,6 +8,8 @@ import (
 	"strings"
 	"time"
 
+	"userapi/cache"
+	"userapi/http"
 	"userapi/internal/redact"
 )
 
@@ -71,23 +73,23 @@ func (c *config) serveFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Redis, "redis", "", "Redis URL (redis://host:6379/0); needed by the redis and tiered caches")
 	// 50ms: a healthy Redis on the same network answers in well under a
 	// millisecond; waiting longer only adds latency before failing open.
-	fs.StringVar(&c.RedisPrefix, "redis-prefix", "userapi:", "prefix of every Redis key and channel, to share one Redis between deployments")
-	fs.DurationVar(&c.RedisTimeout, "redis-timeout", 50*time.Millisecond, "deadline of every Redis call")
+	fs.StringVar(&c.RedisPrefix, "redis-prefix", cache.DefaultKeyPrefix, "prefix of every Redis key and channel, to share one Redis between deployments")
+	fs.DurationVar(&c.RedisTimeout, "redis-timeout", cache.DefaultRedisTimeout, "deadline of every Redis call")
 	fs.StringVar(&c.Cache, "cache", "local", "cache mode: off, local, redis or tiered")
 	fs.BoolVar(&c.Coalesce, "coalesce", true, "coalesce concurrent loads of a key and batch misses into multi-key queries")
-	fs.Int64Var(&c.CacheBytes, "cache-bytes", 256<<20, "byte budget of the in-process cache")
-	fs.DurationVar(&c.CacheTTL, "cache-ttl", 5*time.Minute, "time to live of cached users (jittered ±10%)")
-	fs.DurationVar(&c.NegativeTTL, "negative-ttl", 5*time.Second, "time to live of cached absent ids")
-	fs.IntVar(&c.MaxBatch, "max-batch", 128, "most ids loaded by one multi-key query")
+	fs.Int64Var(&c.CacheBytes, "cache-bytes", cache.DefaultLocalBytes, "byte budget of the in-process cache")
+	fs.DurationVar(&c.CacheTTL, "cache-ttl", cache.DefaultTTL, "time to live of cached users (jittered ±10%)")
+	fs.DurationVar(&c.NegativeTTL, "negative-ttl", cache.DefaultNegativeTTL, "time to live of cached absent ids")
+	fs.IntVar(&c.MaxBatch, "max-batch", cache.DefaultMaxBatch, "most ids loaded by one multi-key query")
 	fs.IntVar(&c.Loaders, "loaders", 0, "multi-key loads run at once (0: GOMAXPROCS, at most the pool size)")
 	fs.StringVar(&c.DebugAddr, "debug-addr", "", "listen address of the debug server with pprof and metrics (empty: off)")
 	fs.BoolVar(&c.PublicMetrics, "public-metrics", false, "also serve /metrics on the public listener")
 	fs.StringVar(&c.TrustedProxies, "trusted-proxies", "", "comma-separated addresses or CIDRs whose X-Forwarded-For is trusted")
-	fs.IntVar(&c.MaxBody, "max-body", 64<<10, "largest accepted request body in bytes")
-	fs.DurationVar(&c.ReadTimeout, "read-timeout", 10*time.Second, "time to read a whole request")
-	fs.DurationVar(&c.WriteTimeout, "write-timeout", 10*time.Second, "time to write a whole response")
-	fs.DurationVar(&c.IdleTimeout, "idle-timeout", 120*time.Second, "keep-alive idle time (above nginx's upstream keepalive_timeout)")
-	fs.DurationVar(&c.RequestTimeout, "request-timeout", 5*time.Second, "deadline of one request's work")
+	fs.IntVar(&c.MaxBody, "max-body", http.DefaultMaxBodyBytes, "largest accepted request body in bytes")
+	fs.DurationVar(&c.ReadTimeout, "read-timeout", http.DefaultReadTimeout, "time to read a whole request")
+	fs.DurationVar(&c.WriteTimeout, "write-timeout", http.DefaultWriteTimeout, "time to write a whole response")
+	fs.DurationVar(&c.IdleTimeout, "idle-timeout", http.DefaultIdleTimeout, "keep-alive idle time (above nginx's upstream keepalive_timeout)")
+	fs.DurationVar(&c.RequestTimeout, "request-timeout", http.DefaultRequestTimeout, "deadline of one request's work")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 15*time.Second, "how long shutdown drains in-flight requests")
 	// 1s: long enough for a balancer to finish the exchanges it has started
 	// on this instance's keep-alive connections and reconnect elsewhere.
