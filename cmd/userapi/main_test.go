@@ -211,6 +211,7 @@ func TestUsageErrors(t *testing.T) {
 		{},
 		{"nope"},
 		{"serve", "--cache", "sometimes"},
+		{"serve", "--cache", "tiered"},
 		{"serve", "--db", "oracle://x"},
 		{"serve", "--trusted-proxies", "not-an-ip"},
 		{"seed", "--users", "0"},

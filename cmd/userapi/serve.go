@@ -53,6 +53,9 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 	if err != nil {
 		return fmt.Errorf("%w: --cache: %v", errUsage, err)
 	}
+	if (mode == cache.ModeRedis || mode == cache.ModeTiered) && c.Redis == "" {
+		return fmt.Errorf("%w: --cache %s needs --redis", errUsage, mode)
+	}
 	proxies, err := c.trustedProxies()
 	if err != nil {
 		return fmt.Errorf("%w: %v", errUsage, err)
