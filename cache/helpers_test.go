@@ -17,12 +17,12 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/redis/rueidis"
 
 	"userapi"
+	"userapi/internal/pgtest"
 	"userapi/postgres"
 	"userapi/sqlite"
 )
@@ -65,42 +65,15 @@ func newPostgres(tb testing.TB) userapi.Store {
 // proxy) when it is not empty.
 func newPostgresVia(tb testing.TB, hostport string, opts postgres.Options) userapi.Store {
 	tb.Helper()
-	base := postgresURL()
-	ctx := testContext(tb)
-	admin, err := pgx.Connect(ctx, base)
+	u, err := url.Parse(pgtest.Schema(tb))
 	if err != nil {
-		tb.Fatalf("%s=%s is set but unreachable: %v", envPostgres, base, err)
+		tb.Fatal(err)
 	}
-	defer admin.Close(ctx)
-	schema := fmt.Sprintf("cache_test_%016x", rand.Uint64())
-	if _, err := admin.Exec(ctx, "CREATE SCHEMA "+schema); err != nil {
-		tb.Fatalf("create schema: %v", err)
-	}
-	tb.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		admin, err := pgx.Connect(ctx, base)
-		if err != nil {
-			tb.Errorf("drop schema %s: %v", schema, err)
-			return
-		}
-		defer admin.Close(ctx)
-		if _, err := admin.Exec(ctx, "DROP SCHEMA "+schema+" CASCADE"); err != nil {
-			tb.Errorf("drop schema %s: %v", schema, err)
-		}
-	})
-	u, err := url.Parse(base)
-	if err != nil {
-		tb.Fatalf("%s: %v", envPostgres, err)
-	}
-	q := u.Query()
-	q.Set("search_path", schema)
-	u.RawQuery = q.Encode()
 	if hostport != "" {
 		u.Host = hostport
 	}
 	opts.Migrate = true
-	s, err := postgres.Open(ctx, u.String(), opts)
+	s, err := postgres.Open(testContext(tb), u.String(), opts)
 	if err != nil {
 		tb.Fatalf("postgres.Open: %v", err)
 	}

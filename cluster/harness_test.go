@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,6 +17,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"userapi/internal/pgtest"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -89,41 +90,15 @@ func serverURLs(t *testing.T) (pgURL, redisURL string) {
 // a pool on it for checking the rows.
 func freshDatabase(t *testing.T, pgURL string) (string, *pgxpool.Pool) {
 	t.Helper()
+	dbURL := pgtest.Database(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	admin, err := pgx.Connect(ctx, pgURL)
+	pool, err := pgxpool.New(ctx, dbURL)
 	if err != nil {
-		t.Fatalf("USERAPI_TEST_POSTGRES_URL is set but PostgreSQL is unreachable: %v", err)
-	}
-	defer admin.Close(context.Background())
-	name := "userapi_cluster_" + randomHex(6)
-	if _, err := admin.Exec(ctx, "CREATE DATABASE "+name); err != nil {
-		t.Fatalf("create database %s: %v", name, err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		admin, err := pgx.Connect(ctx, pgURL)
-		if err != nil {
-			t.Errorf("drop database %s: %v", name, err)
-			return
-		}
-		defer admin.Close(context.Background())
-		if _, err := admin.Exec(ctx, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)"); err != nil {
-			t.Errorf("drop database %s: %v", name, err)
-		}
-	})
-	u, err := url.Parse(pgURL)
-	if err != nil {
-		t.Fatalf("USERAPI_TEST_POSTGRES_URL: %v", err)
-	}
-	u.Path = "/" + name
-	pool, err := pgxpool.New(ctx, u.String())
-	if err != nil {
-		t.Fatalf("open %s: %v", name, err)
+		t.Fatalf("open %s: %v", dbURL, err)
 	}
 	t.Cleanup(pool.Close)
-	return u.String(), pool
+	return dbURL, pool
 }
 
 // startRedis checks that the configured Redis answers, then starts a

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"net"
 	"net/url"
 	"os"
@@ -16,11 +15,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"userapi"
+	"userapi/internal/pgtest"
 	"userapi/postgres"
 	"userapi/storetest"
 )
 
-const envURL = "USERAPI_TEST_POSTGRES_URL"
+const envURL = pgtest.Env
 
 func testContext(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -28,46 +28,9 @@ func testContext(t testing.TB) context.Context {
 	return ctx
 }
 
-// newDatabase creates an empty database of its own on the server at
-// $USERAPI_TEST_POSTGRES_URL, dropped at cleanup, and returns its URL. It
-// skips the test when the variable is unset and fails it when the server is
-// unreachable.
-func newDatabase(t testing.TB) string {
-	t.Helper()
-	base := os.Getenv(envURL)
-	if base == "" {
-		t.Skipf("%s is not set; set it (e.g. postgres://postgres@127.0.0.1:5432/test?sslmode=disable) to run the PostgreSQL tests", envURL)
-	}
-	ctx := testContext(t)
-	admin, err := pgx.Connect(ctx, base)
-	if err != nil {
-		t.Fatalf("%s=%s is set but unreachable: %v", envURL, base, err)
-	}
-	defer admin.Close(ctx)
-	name := fmt.Sprintf("userapi_test_%016x", rand.Uint64())
-	if _, err := admin.Exec(ctx, "CREATE DATABASE "+name); err != nil {
-		t.Fatalf("create database: %v", err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		admin, err := pgx.Connect(ctx, base)
-		if err != nil {
-			t.Errorf("drop database %s: %v", name, err)
-			return
-		}
-		defer admin.Close(ctx)
-		if _, err := admin.Exec(ctx, "DROP DATABASE "+name+" WITH (FORCE)"); err != nil {
-			t.Errorf("drop database %s: %v", name, err)
-		}
-	})
-	u, err := url.Parse(base)
-	if err != nil {
-		t.Fatalf("%s: %v", envURL, err)
-	}
-	u.Path = "/" + name
-	return u.String()
-}
+// newDatabase creates an empty database of its own, dropped at cleanup,
+// and returns its URL (see pgtest.Database).
+func newDatabase(t testing.TB) string { return pgtest.Database(t) }
 
 // openStore opens a store on a fresh, migrated database, closed at cleanup.
 func openStore(t testing.TB, opts postgres.Options) (*postgres.Store, string) {

@@ -1,0 +1,83 @@
+// Package pgtest gives tests a PostgreSQL database or schema of their own on
+// the server at $USERAPI_TEST_POSTGRES_URL, dropped when the test ends, so
+// runs never see each other's rows. Only tests import it.
+package pgtest
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"net/url"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Env names the variable with the server's URL.
+const Env = "USERAPI_TEST_POSTGRES_URL"
+
+// URL returns $USERAPI_TEST_POSTGRES_URL, skipping the test when it is unset.
+func URL(tb testing.TB) string {
+	tb.Helper()
+	base := os.Getenv(Env)
+	if base == "" {
+		tb.Skipf("%s is not set; set it (e.g. postgres://postgres@127.0.0.1:5432/test?sslmode=disable) to run the PostgreSQL tests", Env)
+	}
+	return base
+}
+
+// Database creates an empty database, dropped at cleanup, and returns its
+// URL. It skips the test when the variable is unset and fails it when the
+// server is unreachable.
+func Database(tb testing.TB) string {
+	tb.Helper()
+	base := URL(tb)
+	name := fmt.Sprintf("userapi_test_%016x", rand.Uint64())
+	admin(tb, base, "CREATE DATABASE "+name)
+	tb.Cleanup(func() { admin(tb, base, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)") })
+	u := parse(tb, base)
+	u.Path = "/" + name
+	return u.String()
+}
+
+// Schema creates an empty schema in the variable's database, dropped at
+// cleanup, and returns a URL whose search_path is that schema: cheaper to
+// make than a database, and as private.
+func Schema(tb testing.TB) string {
+	tb.Helper()
+	base := URL(tb)
+	name := fmt.Sprintf("userapi_test_%016x", rand.Uint64())
+	admin(tb, base, "CREATE SCHEMA "+name)
+	tb.Cleanup(func() { admin(tb, base, "DROP SCHEMA IF EXISTS "+name+" CASCADE") })
+	u := parse(tb, base)
+	q := u.Query()
+	q.Set("search_path", name)
+	u.RawQuery = q.Encode()
+	return u.String()
+}
+
+// admin runs one statement on its own connection to base.
+func admin(tb testing.TB, base, stmt string) {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := pgx.Connect(ctx, base)
+	if err != nil {
+		tb.Fatalf("%s=%s is set but unreachable: %v", Env, base, err)
+	}
+	defer c.Close(ctx)
+	if _, err := c.Exec(ctx, stmt); err != nil {
+		tb.Fatalf("%s: %v", stmt, err)
+	}
+}
+
+func parse(tb testing.TB, base string) *url.URL {
+	tb.Helper()
+	u, err := url.Parse(base)
+	if err != nil {
+		tb.Fatalf("%s: %v", Env, err)
+	}
+	return u
+}
