@@ -347,14 +347,14 @@ func TestRegisterMetrics(t *testing.T) {
 	got := map[string]float64{} // "name pool" → value
 	for _, f := range families {
 		for _, m := range f.GetMetric() {
-			if len(m.GetLabel()) != 1 || m.GetLabel()[0].GetName() != "pool" {
-				t.Fatalf("%s labels = %v, want only pool", f.GetName(), m.GetLabel())
+			if len(m.GetLabel()) == 0 || m.GetLabel()[0].GetName() != "pool" {
+				t.Fatalf("%s labels = %v, want pool first", f.GetName(), m.GetLabel())
 			}
-			got[f.GetName()+" "+m.GetLabel()[0].GetValue()] = m.GetGauge().GetValue() + m.GetCounter().GetValue()
+			got[f.GetName()+" "+m.GetLabel()[0].GetValue()] += m.GetGauge().GetValue() + m.GetCounter().GetValue()
 		}
 	}
-	if len(got) != 12 {
-		t.Errorf("gathered %d series, want 6 metrics × 2 pools: %v", len(got), got)
+	if len(got) != 14 {
+		t.Errorf("gathered %d metric × pool pairs, want 7 metrics × 2 pools: %v", len(got), got)
 	}
 	for key, want := range map[string]float64{
 		"userapi_db_pool_max_conns writer":   1,
