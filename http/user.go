@@ -202,22 +202,30 @@ func printableASCII(b []byte) bool {
 	return true
 }
 
+// userWrite reads what PUT and PATCH share, in the order the errors are
+// reported: the path id (400), the content type (415), the body (413) and
+// its fields (400).
+func (s *Server) userWrite(rc *fasthttp.RequestCtx, media ...[]byte) (int64, userFields, error) {
+	id, err := pathID(rc)
+	if err != nil {
+		return 0, userFields{}, err
+	}
+	if err := checkContentType(rc, media...); err != nil {
+		return 0, userFields{}, err
+	}
+	body, err := s.requestBody(rc)
+	if err != nil {
+		return 0, userFields{}, err
+	}
+	f, err := decodeUserFields(body)
+	return id, f, err
+}
+
 // replaceUser serves PUT /users/{id}: both email and name are required and
 // replace the stored ones. If-Match makes it conditional (412 on another
 // version).
 func (s *Server) replaceUser(rc *fasthttp.RequestCtx, ctx context.Context) error {
-	id, err := pathID(rc)
-	if err != nil {
-		return err
-	}
-	if err := checkContentType(rc, mediaJSON); err != nil {
-		return err
-	}
-	body, err := s.requestBody(rc)
-	if err != nil {
-		return err
-	}
-	f, err := decodeUserFields(body)
+	id, f, err := s.userWrite(rc, mediaJSON)
 	if err != nil {
 		return err
 	}
@@ -238,18 +246,7 @@ func (s *Server) replaceUser(rc *fasthttp.RequestCtx, ctx context.Context) error
 // email and name. Absent members are kept; null would remove a required
 // member and is 422. An empty patch changes nothing and returns the user.
 func (s *Server) patchUser(rc *fasthttp.RequestCtx, ctx context.Context) error {
-	id, err := pathID(rc)
-	if err != nil {
-		return err
-	}
-	if err := checkContentType(rc, mediaMergePatch, mediaJSON); err != nil {
-		return err
-	}
-	body, err := s.requestBody(rc)
-	if err != nil {
-		return err
-	}
-	f, err := decodeUserFields(body)
+	id, f, err := s.userWrite(rc, mediaMergePatch, mediaJSON)
 	if err != nil {
 		return err
 	}
