@@ -10,7 +10,8 @@ import (
 // within the same slot share one context, so a request costs an atomic
 // load instead of context.WithDeadline's timer and three allocations;
 // a new context is made at most once per slot (100 a second under load).
-// A deadline is late by less than one slot: 10 ms on seconds.
+// A deadline is late by at most two slots (a request may get the next
+// slot's context): 20 ms on seconds.
 const deadlineSlot = 10 * time.Millisecond
 
 // deadlines hands out request contexts: a standard context.WithDeadline

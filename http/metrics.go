@@ -112,7 +112,7 @@ func (r *routeMetrics) observe(status int, elapsed time.Duration) {
 }
 
 // promMetrics serves Options.Metrics in the Prometheus text format (or
-// OpenMetrics / protobuf when asked). promhttp does its own gzip.
+// protobuf when asked). promhttp does its own gzip.
 func (s *Server) promMetrics() handlerFunc {
 	h := fasthttpadaptor.NewFastHTTPHandler(promhttp.HandlerFor(s.opts.Metrics, promhttp.HandlerOpts{
 		ErrorLog:      slogPrinter{s},
