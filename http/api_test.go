@@ -326,6 +326,8 @@ func testAPI(t *testing.T, encoded bool) {
 			problem: &wantProblem{typ: typeVersionMismatch}},
 		{name: "put if-match malformed", req: request{method: "PUT", uri: g, header: with(jsonCT, "If-Match", `3`), body: `{"email":"grace@example.com","name":"G"}`}, status: 412,
 			problem: &wantProblem{typ: typeVersionMismatch}},
+		{name: "put if-match current then malformed", req: request{method: "PUT", uri: g, header: with(jsonCT, "If-Match", `"3", garbage`), body: `{"email":"grace@example.com","name":"G"}`}, status: 412,
+			problem: &wantProblem{typ: typeVersionMismatch}},
 		{name: "put if-match foreign tag", req: request{method: "PUT", uri: g, header: with(jsonCT, "If-Match", `"abc"`), body: `{"email":"grace@example.com","name":"G"}`}, status: 412,
 			problem: &wantProblem{typ: typeVersionMismatch}},
 		{name: "put if-match list", req: request{method: "PUT", uri: g, header: with(jsonCT, "If-Match", `"1", "3"`), body: `{"email":"grace@example.com","name":"G4"}`}, status: 200,

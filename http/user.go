@@ -358,7 +358,9 @@ func (s *Server) ifMatch(rc *fasthttp.RequestCtx, ctx context.Context, id int64)
 	if err != nil {
 		return 0, err
 	}
-	if slices.Contains(versions, u.Version) {
+	// A malformed header matches nothing, even if it began with a tag
+	// that would: the user is read only to answer 404 over 412.
+	if ok && slices.Contains(versions, u.Version) {
 		return u.Version, nil
 	}
 	return 0, userapi.ErrVersionMismatch
