@@ -2,7 +2,8 @@ package cache
 
 import (
 	"context"
-	"sync/atomic"
+	"fmt"
+	"math/rand/v2"
 	"testing"
 
 	"userapi"
@@ -26,13 +27,22 @@ func benchReads(b *testing.B, cfg Config, users int) {
 			b.Fatal(err)
 		}
 	}
-	var next atomic.Int64
+	// Read in a shuffled order, as a server's requests come: walking the
+	// ids in order would let the CPU prefetch the next entry.
+	ids := make([]int64, len(page))
+	for i, j := range rand.New(rand.NewPCG(1, 2)).Perm(len(page)) {
+		ids[i] = page[j].ID
+	}
 	b.ReportAllocs()
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
+		i := rand.IntN(len(ids)) // each goroutine starts elsewhere
 		for pb.Next() {
-			id := page[int(next.Add(1))%users].ID
-			if _, err := c.GetUserEncoded(ctx, id); err != nil {
+			i++
+			if i == len(ids) {
+				i = 0
+			}
+			if _, err := c.GetUserEncoded(ctx, ids[i]); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -40,7 +50,15 @@ func benchReads(b *testing.B, cfg Config, users int) {
 }
 
 // BenchmarkLocalHit is the cached read's hot path: it must not allocate.
-func BenchmarkLocalHit(b *testing.B) { benchReads(b, Config{Mode: ModeLocal, Coalesce: true}, 1) }
+// One id measures the code; a hot set of 10,000 ids (scripts/perf's) adds
+// the memory traffic of entries that no longer all fit in the CPU's caches.
+func BenchmarkLocalHit(b *testing.B) {
+	for _, n := range []int{1, 10000} {
+		b.Run(fmt.Sprintf("ids=%d", n), func(b *testing.B) {
+			benchReads(b, Config{Mode: ModeLocal, Coalesce: true}, n)
+		})
+	}
+}
 
 // BenchmarkRedisHit reads through the Redis tier only.
 func BenchmarkRedisHit(b *testing.B) { benchReads(b, Config{Mode: ModeRedis, Coalesce: true}, 1) }
