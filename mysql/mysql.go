@@ -17,6 +17,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/go-sql-driver/mysql"
@@ -122,6 +123,7 @@ type Store struct {
 	db      *sql.DB
 	schema  *goose.Provider // reports pending migrations
 	timeout time.Duration
+	stmts   sync.Map // SQL text → kept *sql.Stmt (stmt.go)
 }
 
 // Open connects to the database at url (mysql://user:pass@host:3306/db?params)
@@ -164,6 +166,10 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 	s := &Store{db: db, schema: schema, timeout: opts.QueryTimeout}
 	if err := s.Ping(ctx); err != nil {
 		db.Close()
+		return nil, fmt.Errorf("open mysql: %w", err)
+	}
+	if err := s.prepareTxStatements(ctx); err != nil {
+		s.Close()
 		return nil, fmt.Errorf("open mysql: %w", err)
 	}
 	return s, nil
@@ -263,7 +269,9 @@ func config(rawURL string, opts Options) (*mysql.Config, error) {
 	// spliced into the SQL text by the client: values cannot change the
 	// statement, whatever the connection's character set (client-side
 	// escaping is unsafe with some multi-byte charsets), and they travel in
-	// the binary protocol. The cost is one more round trip per statement.
+	// the binary protocol. Statements are kept prepared (stmt.go), so the
+	// prepare costs a round trip only the first time a statement runs on a
+	// connection.
 	cfg.InterpolateParams = false
 	if cfg.Timeout == 0 {
 		cfg.Timeout = opts.DialTimeout
@@ -306,8 +314,10 @@ func (s *Store) Ping(ctx context.Context) error {
 	return nil
 }
 
-// Close closes the pool; calls in flight finish first.
+// Close closes the kept statements and the pool; calls in flight finish
+// first.
 func (s *Store) Close() error {
+	s.closeStatements()
 	return s.db.Close()
 }
 

@@ -502,6 +502,69 @@ func TestNoPool(t *testing.T) {
 	}
 }
 
+// TestKeptStatements: a statement is prepared the first time it runs on a
+// connection and only executed after that, and GetUsers pads its ids to a
+// power of two, so batches of 3 and 4 ids share one statement and the
+// repeated ids add no rows.
+func TestKeptStatements(t *testing.T) {
+	dbURL := newDatabase(t)
+	ctx := testContext(t)
+	s, err := Open(ctx, dbURL, Options{Migrate: true, MaxConns: 1}) // one connection: its session counters are ours
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	var ids []int64
+	for i := range 5 {
+		u, _, err := s.CreateUser(ctx, userapi.UserCreate{Email: fmt.Sprintf("kept%d@example.com", i), Name: "Kept"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, u.ID)
+	}
+	prepares := func() int {
+		t.Helper()
+		var name string
+		var n int
+		if err := s.db.QueryRowContext(ctx, "SHOW SESSION STATUS LIKE 'Com_stmt_prepare'").Scan(&name, &n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	reads := func() {
+		t.Helper()
+		if u, err := s.GetUser(ctx, ids[0]); err != nil || u.ID != ids[0] {
+			t.Fatalf("GetUser: %v, %v", u, err)
+		}
+		for _, n := range []int{3, 4, 5} {
+			users, err := s.GetUsers(ctx, ids[:n])
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := map[int64]bool{}
+			for _, u := range users {
+				got[u.ID] = true
+			}
+			if len(users) != n || len(got) != n {
+				t.Fatalf("GetUsers(%d ids) = %d users (%d distinct), want %d", n, len(users), len(got), n)
+			}
+		}
+	}
+
+	before := prepares()
+	reads() // GetUser, then GetUsers padded to 4, 4 and 8 ids
+	if n := prepares() - before; n != 3 {
+		t.Errorf("first reads prepared %d statements, want 3 (GetUser, 4 ids, 8 ids)", n)
+	}
+	before = prepares()
+	for range 3 {
+		reads()
+	}
+	if n := prepares() - before; n != 0 {
+		t.Errorf("repeated reads prepared %d statements, want 0", n)
+	}
+}
+
 // newStore returns a migrated store over a database of its own.
 func newStore(t *testing.T) *Store {
 	t.Helper()

@@ -11,15 +11,72 @@ import (
 )
 
 // maxIDsPerQuery bounds the ids of one GetUsers statement: prepared
-// statements take at most 65,535 placeholders, and a batch of 1,000 keeps
+// statements take at most 65,535 placeholders, and a batch of 1,024 keeps
 // the statement small while still amortizing the round trips.
-const maxIDsPerQuery = 1000
+const maxIDsPerQuery = 1024
+
+// The statements run inside transactions. Open prepares them (stmt.go): a
+// transaction holds its connection, and keeping a statement on first use
+// would need a second one from a pool the transactions may have drained.
+const (
+	insertUserSQL = `
+		INSERT INTO users (
+			email,
+			name,
+			created_at,
+			updated_at,
+			version
+		) VALUES (?, ?, ?, ?, 1)`
+
+	insertKeySQL = `
+		INSERT INTO idempotency_keys (
+			idempotency_key,
+			user_id,
+			email,
+			name,
+			created_at
+		) VALUES (?, ?, ?, ?, ?)`
+
+	lockUserSQL = `
+		SELECT
+			id,
+			email,
+			name,
+			created_at,
+			updated_at,
+			version
+		FROM users
+		WHERE id = ?
+		FOR UPDATE`
+
+	updateUserSQL = `
+		UPDATE users SET
+			email = ?,
+			name = ?,
+			updated_at = ?,
+			version = ?
+		WHERE id = ?`
+
+	lockVersionSQL = `
+		SELECT
+			version
+		FROM users
+		WHERE id = ?
+		FOR UPDATE`
+
+	deleteUserSQL = `
+		DELETE FROM users
+		WHERE id = ?`
+)
+
+// txStatements are the statements Open prepares.
+var txStatements = []string{insertUserSQL, insertKeySQL, lockUserSQL, updateUserSQL, lockVersionSQL, deleteUserSQL}
 
 // GetUser returns the user, or an error wrapping userapi.ErrNotFound.
 func (s *Store) GetUser(ctx context.Context, id int64) (*userapi.User, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	u, err := scanUser(s.db.QueryRowContext(ctx, `
+	u, err := scanUser(s.queryRow(ctx, nil, `
 		SELECT
 			id,
 			email,
@@ -37,19 +94,23 @@ func (s *Store) GetUser(ctx context.Context, id int64) (*userapi.User, error) {
 }
 
 // GetUsers returns the users among ids that exist, in no particular order,
-// with one IN (?, ?, …) query per 1,000 ids.
+// with one IN (?, ?, …) query per 1,024 ids. The list is padded to the next
+// power of two by repeating its last id (IN ignores the repeats), so a few
+// kept statements serve every batch size.
 func (s *Store) GetUsers(ctx context.Context, ids []int64) ([]*userapi.User, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	users := make([]*userapi.User, 0, len(ids))
+	var args []any
 	for len(ids) > 0 {
 		batch := ids[:min(len(ids), maxIDsPerQuery)]
 		ids = ids[len(batch):]
-		args := make([]any, len(batch))
-		for i, id := range batch {
-			args[i] = id
+		n := padded(len(batch))
+		args = args[:0]
+		for i := range n {
+			args = append(args, batch[min(i, len(batch)-1)])
 		}
-		rows, err := s.db.QueryContext(ctx, `
+		rows, err := s.query(ctx, nil, `
 			SELECT
 				id,
 				email,
@@ -58,7 +119,7 @@ func (s *Store) GetUsers(ctx context.Context, ids []int64) ([]*userapi.User, err
 				updated_at,
 				version
 			FROM users
-			WHERE id IN (`+placeholders(len(batch))+`)`,
+			WHERE id IN (`+placeholders(n)+`)`,
 			args...)
 		if err != nil {
 			return nil, fmt.Errorf("get %d users: %w", len(batch), translate(err))
@@ -69,6 +130,15 @@ func (s *Store) GetUsers(ctx context.Context, ids []int64) ([]*userapi.User, err
 		}
 	}
 	return users, nil
+}
+
+// padded returns the power of two at or above n (n ≤ maxIDsPerQuery).
+func padded(n int) int {
+	p := 1
+	for p < n {
+		p <<= 1
+	}
+	return p
 }
 
 // ListUsers returns up to f.Limit users with id > f.AfterID in id order,
@@ -85,7 +155,7 @@ func (s *Store) ListUsers(ctx context.Context, f userapi.UserFilter) ([]*userapi
 	var rows *sql.Rows
 	var err error
 	if f.Email == "" {
-		rows, err = s.db.QueryContext(ctx, `
+		rows, err = s.query(ctx, nil, `
 			SELECT
 				id,
 				email,
@@ -99,7 +169,7 @@ func (s *Store) ListUsers(ctx context.Context, f userapi.UserFilter) ([]*userapi
 			LIMIT ?`,
 			f.AfterID, limit)
 	} else {
-		rows, err = s.db.QueryContext(ctx, `
+		rows, err = s.query(ctx, nil, `
 			SELECT
 				id,
 				email,
@@ -171,14 +241,7 @@ func (s *Store) insertUser(ctx context.Context, in userapi.UserCreate) (*userapi
 	var u *userapi.User
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
 		now := userapi.Now()
-		res, err := tx.ExecContext(ctx, `
-			INSERT INTO users (
-				email,
-				name,
-				created_at,
-				updated_at,
-				version
-			) VALUES (?, ?, ?, ?, 1)`,
+		res, err := s.exec(ctx, tx, insertUserSQL,
 			in.Email, in.Name, now, now)
 		if err != nil {
 			return err
@@ -188,14 +251,7 @@ func (s *Store) insertUser(ctx context.Context, in userapi.UserCreate) (*userapi
 			return err
 		}
 		if in.IdempotencyKey != "" {
-			_, err = tx.ExecContext(ctx, `
-				INSERT INTO idempotency_keys (
-					idempotency_key,
-					user_id,
-					email,
-					name,
-					created_at
-				) VALUES (?, ?, ?, ?, ?)`,
+			_, err = s.exec(ctx, tx, insertKeySQL,
 				in.IdempotencyKey, id, in.Email, in.Name, now)
 			if err != nil {
 				return err
@@ -219,7 +275,7 @@ func (s *Store) insertUser(ctx context.Context, in userapi.UserCreate) (*userapi
 // ErrIdempotencyMismatch when in's email or name differ from that create's.
 func (s *Store) replay(ctx context.Context, in userapi.UserCreate) (u *userapi.User, found bool, err error) {
 	u = &userapi.User{Version: 1}
-	err = s.db.QueryRowContext(ctx, `
+	err = s.queryRow(ctx, nil, `
 		SELECT
 			user_id,
 			email,
@@ -256,17 +312,7 @@ func (s *Store) UpdateUser(ctx context.Context, id int64, upd userapi.UserUpdate
 	var u *userapi.User
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
 		var err error
-		u, err = scanUser(tx.QueryRowContext(ctx, `
-			SELECT
-				id,
-				email,
-				name,
-				created_at,
-				updated_at,
-				version
-			FROM users
-			WHERE id = ?
-			FOR UPDATE`,
+		u, err = scanUser(s.queryRow(ctx, tx, lockUserSQL,
 			id))
 		if err != nil {
 			return err
@@ -282,13 +328,7 @@ func (s *Store) UpdateUser(ctx context.Context, id int64, upd userapi.UserUpdate
 		}
 		u.UpdatedAt = userapi.Now()
 		u.Version++
-		_, err = tx.ExecContext(ctx, `
-			UPDATE users SET
-				email = ?,
-				name = ?,
-				updated_at = ?,
-				version = ?
-			WHERE id = ?`,
+		_, err = s.exec(ctx, tx, updateUserSQL,
 			u.Email, u.Name, u.UpdatedAt, u.Version, id)
 		if duplicateKey(err) == emailKey {
 			return userapi.ErrEmailTaken
@@ -311,12 +351,7 @@ func (s *Store) DeleteUser(ctx context.Context, id int64, ifVersion int64) error
 	if ifVersion > 0 {
 		err = s.inTx(ctx, func(tx *sql.Tx) error {
 			var version int64
-			err := tx.QueryRowContext(ctx, `
-				SELECT
-					version
-				FROM users
-				WHERE id = ?
-				FOR UPDATE`,
+			err := s.queryRow(ctx, tx, lockVersionSQL,
 				id).Scan(&version)
 			switch {
 			case errors.Is(err, sql.ErrNoRows):
@@ -326,9 +361,7 @@ func (s *Store) DeleteUser(ctx context.Context, id int64, ifVersion int64) error
 			case version != ifVersion:
 				return userapi.ErrVersionMismatch
 			}
-			_, err = tx.ExecContext(ctx, `
-				DELETE FROM users
-				WHERE id = ?`,
+			_, err = s.exec(ctx, tx, deleteUserSQL,
 				id)
 			return err
 		})
@@ -343,10 +376,7 @@ func (s *Store) DeleteUser(ctx context.Context, id int64, ifVersion int64) error
 
 // deleteUser is the unconditional delete: one statement, no transaction.
 func (s *Store) deleteUser(ctx context.Context, id int64) error {
-	res, err := s.db.ExecContext(ctx, `
-		DELETE FROM users
-		WHERE id = ?`,
-		id)
+	res, err := s.exec(ctx, nil, deleteUserSQL, id)
 	if err != nil {
 		return err
 	}
@@ -362,7 +392,7 @@ func (s *Store) deleteUser(ctx context.Context, id int64) error {
 
 // scanUser scans one row of the columns id, email, name, created_at,
 // updated_at, version; no row is ErrNotFound.
-func scanUser(row interface{ Scan(...any) error }) (*userapi.User, error) {
+func scanUser(row rowScanner) (*userapi.User, error) {
 	var u userapi.User
 	err := row.Scan(
 		&u.ID,
