@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-sql-driver/mysql"
@@ -123,7 +124,8 @@ type Store struct {
 	db      *sql.DB
 	schema  *goose.Provider // reports pending migrations
 	timeout time.Duration
-	stmts   sync.Map // SQL text → kept *sql.Stmt (stmt.go)
+	stmts   sync.Map    // SQL text → kept *sql.Stmt (stmt.go)
+	txKept  atomic.Bool // every one of txStatements is in stmts
 }
 
 // Open connects to the database at url (mysql://user:pass@host:3306/db?params)
@@ -166,10 +168,6 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 	s := &Store{db: db, schema: schema, timeout: opts.QueryTimeout}
 	if err := s.Ping(ctx); err != nil {
 		db.Close()
-		return nil, fmt.Errorf("open mysql: %w", err)
-	}
-	if err := s.prepareTxStatements(ctx); err != nil {
-		s.Close()
 		return nil, fmt.Errorf("open mysql: %w", err)
 	}
 	return s, nil
@@ -314,11 +312,12 @@ func (s *Store) Ping(ctx context.Context) error {
 	return nil
 }
 
-// Close closes the kept statements and the pool; calls in flight finish
+// Close closes the pool, then the kept statements; calls in flight finish
 // first.
 func (s *Store) Close() error {
+	err := s.db.Close()
 	s.closeStatements()
-	return s.db.Close()
+	return err
 }
 
 // inTx runs fn in a transaction and commits it, running it again (up to
@@ -341,6 +340,9 @@ func (s *Store) inTx(ctx context.Context, fn func(tx *sql.Tx) error) error {
 }
 
 func (s *Store) tryTx(ctx context.Context, fn func(tx *sql.Tx) error) error {
+	if !s.txKept.Load() {
+		s.keepTxStatements(ctx)
+	}
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return err

@@ -503,13 +503,15 @@ func TestNoPool(t *testing.T) {
 }
 
 // TestKeptStatements: a statement is prepared the first time it runs on a
-// connection and only executed after that, and GetUsers pads its ids to a
-// power of two, so batches of 3 and 4 ids share one statement and the
-// repeated ids add no rows.
+// connection and only executed after that, in transactions too, and
+// GetUsers pads its ids to a power of two, so batches of 3 and 4 ids share
+// one statement and the repeated ids add no rows. One connection: its
+// session counters are ours, and a transaction that needed a second
+// connection to prepare a statement would wait until its deadline.
 func TestKeptStatements(t *testing.T) {
 	dbURL := newDatabase(t)
 	ctx := testContext(t)
-	s, err := Open(ctx, dbURL, Options{Migrate: true, MaxConns: 1}) // one connection: its session counters are ours
+	s, err := Open(ctx, dbURL, Options{Migrate: true, MaxConns: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -550,18 +552,40 @@ func TestKeptStatements(t *testing.T) {
 			}
 		}
 	}
+	round := 0
+	writes := func() {
+		t.Helper()
+		round++
+		u, _, err := s.CreateUser(ctx, userapi.UserCreate{
+			Email:          fmt.Sprintf("round%d@example.com", round),
+			Name:           "Round",
+			IdempotencyKey: fmt.Sprintf("round-%d", round),
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		name := "Renamed"
+		if u, err = s.UpdateUser(ctx, u.ID, userapi.UserUpdate{Name: &name, IfVersion: 1}); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.DeleteUser(ctx, u.ID, u.Version); err != nil {
+			t.Fatal(err)
+		}
+	}
 
 	before := prepares()
 	reads() // GetUser, then GetUsers padded to 4, 4 and 8 ids
 	if n := prepares() - before; n != 3 {
 		t.Errorf("first reads prepared %d statements, want 3 (GetUser, 4 ids, 8 ids)", n)
 	}
+	writes() // keeps the replay lookup; the transactions' statements are kept since the first create
 	before = prepares()
 	for range 3 {
 		reads()
+		writes()
 	}
 	if n := prepares() - before; n != 0 {
-		t.Errorf("repeated reads prepared %d statements, want 0", n)
+		t.Errorf("repeated reads and writes prepared %d statements, want 0", n)
 	}
 }
 

@@ -3,7 +3,6 @@ package mysql
 import (
 	"context"
 	"database/sql"
-	"fmt"
 )
 
 // Statements are prepared once and kept for the life of the store.
@@ -30,16 +29,19 @@ func (s *Store) prepared(ctx context.Context, query string) (*sql.Stmt, error) {
 	return st, nil
 }
 
-// prepareTxStatements keeps the statements transactions use (txStatements).
-func (s *Store) prepareTxStatements(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
+// keepTxStatements keeps the statements transactions use (txStatements).
+// inTx calls it before it begins a transaction, until all are kept: in a
+// transaction it would take a second connection. It is best effort: a
+// statement it cannot prepare (the server is away, or the account may not
+// write) is prepared on the transaction's own connection instead, and
+// failing there is the transaction's error to report.
+func (s *Store) keepTxStatements(ctx context.Context) {
 	for _, q := range txStatements {
 		if _, err := s.prepared(ctx, q); err != nil {
-			return fmt.Errorf("prepare: %w", translate(err))
+			return
 		}
 	}
-	return nil
+	s.txKept.Store(true)
 }
 
 // stmt returns the kept statement for query, bound to tx when tx is not nil.
@@ -90,7 +92,8 @@ func (s *Store) exec(ctx context.Context, tx *sql.Tx, query string, args ...any)
 	return st.ExecContext(ctx, args...)
 }
 
-// closeStatements closes the kept statements (on every connection).
+// closeStatements closes the kept statements. Close calls it after closing
+// the pool, so no call can keep a new one meanwhile.
 func (s *Store) closeStatements() {
 	s.stmts.Range(func(q, st any) bool {
 		st.(*sql.Stmt).Close()

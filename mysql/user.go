@@ -15,9 +15,10 @@ import (
 // the statement small while still amortizing the round trips.
 const maxIDsPerQuery = 1024
 
-// The statements run inside transactions. Open prepares them (stmt.go): a
-// transaction holds its connection, and keeping a statement on first use
-// would need a second one from a pool the transactions may have drained.
+// The statements run inside transactions. They are kept before the first
+// transaction begins (keepTxStatements): a transaction holds its
+// connection, and keeping a statement inside it would need a second one
+// from a pool the transactions may have drained.
 const (
 	insertUserSQL = `
 		INSERT INTO users (
@@ -69,7 +70,7 @@ const (
 		WHERE id = ?`
 )
 
-// txStatements are the statements Open prepares.
+// txStatements are the statements keepTxStatements keeps.
 var txStatements = []string{insertUserSQL, insertKeySQL, lockUserSQL, updateUserSQL, lockVersionSQL, deleteUserSQL}
 
 // GetUser returns the user, or an error wrapping userapi.ErrNotFound.
