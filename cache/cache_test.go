@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"slices"
 	"sync"
 	"testing"
@@ -574,5 +575,32 @@ func TestReadAfterClose(t *testing.T) {
 		if !errors.Is(err, userapi.ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) {
 			t.Fatalf("read %d after Close = %v, want an immediate ErrUnavailable", id+1, err)
 		}
+	}
+}
+
+// TestBatchingTakesRunnableMisses: a worker that takes a call first lets
+// the handlers that are already runnable queue their misses, so they go to
+// the store in the same batch instead of one query for the first and
+// another for the rest. With one P the interleaving is the scheduler's
+// order, not a race.
+func TestBatchingTakesRunnableMisses(t *testing.T) {
+	h := &hookStore{Store: newSQLite(t)}
+	var ids []int64
+	for i := range 10 {
+		ids = append(ids, mustCreate(t, h, fmt.Sprintf("r%d@example.com", i)).ID)
+	}
+	c := newCache(t, h, Config{Mode: ModeOff, Coalesce: true, Loaders: 1, MaxBatch: 64})
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	var wg sync.WaitGroup
+	for _, id := range ids {
+		wg.Go(func() {
+			if v := version(t, c, id); v != 1 {
+				t.Errorf("user %d: version %d, want 1", id, v)
+			}
+		})
+	}
+	wg.Wait()
+	if got, want := h.batchSizes(), []int{10}; !slices.Equal(got, want) {
+		t.Errorf("batch sizes = %v, want %v", got, want)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"sync"
 	"time"
 
@@ -15,9 +16,10 @@ import (
 // are loaded together by one store.GetUsers (batching).
 //
 // There is no timer: a worker that is free takes the first queued call at
-// once and only adds the calls that are already waiting, so an idle system
-// loads a miss immediately, and under load a batch is whatever queued while
-// the previous loads ran. The in-flight table plays the role of
+// once, yields so that handlers already runnable can queue theirs, and only
+// adds the calls that are then waiting, so an idle system loads a miss
+// immediately, and under load a batch is whatever queued while the previous
+// loads ran. The in-flight table plays the role of
 // x/sync/singleflight, but is also the batch queue's index, so a waiting
 // caller costs no goroutine of its own.
 type loader struct {
@@ -124,6 +126,12 @@ func (l *loader) work() {
 		select {
 		case c := <-l.queue:
 			batch = append(batch[:0], c)
+			// Let the handlers that are already runnable queue their
+			// misses first: without this, the first miss after a batch
+			// completes goes alone, and the rest wait a whole query for
+			// the next one. Idle, nothing else is runnable and this
+			// returns at once.
+			runtime.Gosched()
 		case <-l.done:
 			l.drain()
 			return
