@@ -136,13 +136,16 @@ type Config struct {
 	// MaxBatch bounds the ids in one store.GetUsers.
 	MaxBatch int
 	// Loaders is the number of batch loads that may run at once. The
-	// default is one per two CPUs (GOMAXPROCS/2, at least 1), capped by
-	// the store's pool size when it reports one (PoolSize() int). Fewer
-	// loaders make larger batches, and one multi-key query costs both the
-	// database and this process far less than as many small ones:
-	// uncached uniform reads over 1M PostgreSQL rows with 64 connections
-	// on 2 cores ran at ~69k req/s with 1 loader (average batch 16 ids),
-	// ~62k with 2 (7 ids), ~54k with 3 (5 ids) and ~31k with 8 (2 ids).
+	// default is one per two CPUs and at least 2 (max(2, GOMAXPROCS/2)),
+	// capped by the store's pool size when it reports one (PoolSize()
+	// int). A load beyond the first starts only with a batch of at least
+	// 16 ids (see minParallel): one multi-key query costs the database and
+	// this process far less than as many small ones, and before that rule
+	// more loaders only split the batches (uncached uniform reads over 1M
+	// PostgreSQL rows with 64 connections on 2 cores: ~69k req/s with 1
+	// loader, average batch 16 ids; ~62k with 2, 7 ids; ~31k with 8, 2
+	// ids). With it, a second load keeps the database busy while the
+	// first one's round trip is under way.
 	Loaders int
 	// LoadTimeout is the deadline of one batch load.
 	LoadTimeout time.Duration
@@ -244,7 +247,7 @@ func New(ctx context.Context, store userapi.Store, cfg Config) (*Store, error) {
 		cfg.MaxBatch = DefaultMaxBatch
 	}
 	if cfg.Loaders <= 0 {
-		cfg.Loaders = max(1, runtime.GOMAXPROCS(0)/2)
+		cfg.Loaders = max(2, runtime.GOMAXPROCS(0)/2)
 		if p, ok := store.(interface{ PoolSize() int }); ok && p.PoolSize() > 0 {
 			cfg.Loaders = min(cfg.Loaders, p.PoolSize())
 		}

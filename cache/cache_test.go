@@ -7,6 +7,7 @@ import (
 	"runtime"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -601,6 +602,63 @@ func TestBatchingTakesRunnableMisses(t *testing.T) {
 	}
 	wg.Wait()
 	if got, want := h.batchSizes(), []int{10}; !slices.Equal(got, want) {
+		t.Errorf("batch sizes = %v, want %v", got, want)
+	}
+}
+
+// TestSecondLoadWaitsForFullBatch: while one load runs, a second starts only
+// with minParallel ids; fewer wait for the running load to finish.
+func TestSecondLoadWaitsForFullBatch(t *testing.T) {
+	h := &hookStore{Store: newSQLite(t)}
+	var ids []int64
+	for i := range 1 + 5 + minParallel {
+		ids = append(ids, mustCreate(t, h, fmt.Sprintf("p%d@example.com", i)).ID)
+	}
+	c := newCache(t, h, Config{Mode: ModeOff, Coalesce: true, Loaders: 2, MaxBatch: 64})
+	gate := make(chan struct{})
+	release := sync.OnceFunc(func() { close(gate) })
+	t.Cleanup(release) // before the cache's Close, which waits for the loads
+	var loads atomic.Int32
+	h.setHook(func(_ []int64, us []*userapi.User, err error) ([]*userapi.User, error) {
+		if loads.Add(1) == 1 {
+			<-gate // the first load runs until the gate opens
+		}
+		return us, err
+	})
+	var wg sync.WaitGroup
+	read := func(ids []int64) {
+		for _, id := range ids {
+			wg.Go(func() {
+				if v := version(t, c, id); v != 1 {
+					t.Errorf("user %d: version %d, want 1", id, v)
+				}
+			})
+		}
+	}
+	inflight := func() int {
+		c.loader.mu.Lock()
+		defer c.loader.mu.Unlock()
+		return len(c.loader.inflight)
+	}
+	read(ids[:1])
+	eventually(t, 5*time.Second, "first load started", func() bool { return h.getUsers.Load() == 1 })
+
+	// Five misses: the free worker gathers them but starts no load.
+	read(ids[1:6])
+	eventually(t, 5*time.Second, "5 misses gathered", func() bool { return inflight() == 6 && len(c.loader.queue) == 0 })
+	if n := h.getUsers.Load(); n != 1 {
+		t.Fatalf("%d loads with one running and 5 ids waiting, want 1", n)
+	}
+
+	// minParallel more: a second load starts with minParallel of them
+	// while the first still runs; the 5 left over wait again.
+	read(ids[6:])
+	eventually(t, 5*time.Second, "second load done, 5 gathered", func() bool {
+		return h.getUsers.Load() == 2 && inflight() == 6 && len(c.loader.queue) == 0
+	})
+	release()
+	wg.Wait()
+	if got, want := h.batchSizes(), []int{1, minParallel, 5}; !slices.Equal(got, want) {
 		t.Errorf("batch sizes = %v, want %v", got, want)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"userapi"
@@ -16,10 +17,12 @@ import (
 // are loaded together by one store.GetUsers (batching).
 //
 // There is no timer: a worker that is free takes the first queued call at
-// once, yields so that handlers already runnable can queue theirs, and only
-// adds the calls that are then waiting, so an idle system loads a miss
+// once, yields so that handlers already runnable can queue theirs, and adds
+// the calls that are then waiting, so an idle system loads a miss
 // immediately, and under load a batch is whatever queued while the previous
-// loads ran. The in-flight table plays the role of
+// loads ran. A second load runs beside a first only with a batch worth it
+// (minParallel), which keeps the database busy during the other's round trip
+// without splitting the batches into small ones. The in-flight table plays the role of
 // x/sync/singleflight, but is also the batch queue's index, so a waiting
 // caller costs no goroutine of its own.
 type loader struct {
@@ -31,6 +34,8 @@ type loader struct {
 	inflight map[int64]*call
 
 	queue   chan *call
+	busy    atomic.Int32  // loads running
+	freed   chan struct{} // a token after each load (capacity 1, never blocks)
 	done    chan struct{} // closed by stop
 	workers sync.WaitGroup
 }
@@ -57,6 +62,7 @@ func newLoader(s *Store, workers, maxBatch int, timeout time.Duration) *loader {
 		timeout:  timeout,
 		inflight: make(map[int64]*call),
 		queue:    make(chan *call, queueLen),
+		freed:    make(chan struct{}, 1),
 		done:     make(chan struct{}),
 	}
 	for range workers {
@@ -117,39 +123,28 @@ func (l *loader) forget(id int64) {
 	l.mu.Unlock()
 }
 
-// work takes the first queued call, adds the ones already waiting (up to
-// maxBatch), and loads them with one store.GetUsers.
+// minParallel is the fewest ids a load starts with while another load is
+// running. A multi-key query costs the database and this process much the
+// same for 1 id as for 16, so a second load in parallel pays off only for a
+// batch of some size; smaller ones wait for the running load to finish, as
+// they would with one loader.
+const minParallel = 16
+
+// work takes batches (see take) and loads each with one store.GetUsers.
 func (l *loader) work() {
 	batch := make([]*call, 0, l.maxBatch)
 	ids := make([]int64, 0, l.maxBatch)
 	for {
-		select {
-		case c := <-l.queue:
-			batch = append(batch[:0], c)
-			// Let the handlers that are already runnable queue their
-			// misses first: without this, the first miss after a batch
-			// completes goes alone, and the rest wait a whole query for
-			// the next one. Idle, nothing else is runnable and this
-			// returns at once.
-			runtime.Gosched()
-		case <-l.done:
-			l.drain()
+		batch = l.take(batch[:0])
+		if batch == nil {
 			return
-		}
-	fill:
-		for len(batch) < l.maxBatch {
-			select {
-			case c := <-l.queue:
-				batch = append(batch, c)
-			default:
-				break fill
-			}
 		}
 		ids = ids[:0]
 		for _, c := range batch {
 			ids = append(ids, c.id)
 		}
 		l.s.m.batchSize.Observe(float64(len(batch)))
+		l.busy.Add(1)
 		rs := l.s.begin()
 		ctx, cancel := context.WithTimeout(l.s.ctx, l.timeout)
 		users, err := l.s.store.GetUsers(ctx, ids)
@@ -168,8 +163,55 @@ func (l *loader) work() {
 		if err == nil {
 			l.s.fill(rows, rs)
 		}
+		l.busy.Add(-1)
+		select {
+		case l.freed <- struct{}{}:
+		default: // a token is already there
+		}
 		l.complete(batch)
 	}
+}
+
+// take returns the next batch, appended to batch: the first queued call,
+// then the calls already waiting, up to maxBatch. While another load runs
+// and the batch is under minParallel, it goes on gathering until the batch
+// reaches it or no load runs. It returns nil after stop.
+//
+// There is no timer anywhere: with nothing running, a batch goes at once.
+func (l *loader) take(batch []*call) []*call {
+	select {
+	case c := <-l.queue:
+		batch = append(batch, c)
+	case <-l.done:
+		l.drain()
+		return nil
+	}
+	// Let the handlers that are already runnable queue their misses first:
+	// without this, the first miss after a batch completes goes alone, and
+	// the rest wait a whole query for the next batch. Idle, nothing else
+	// is runnable and this returns at once.
+	runtime.Gosched()
+fill:
+	for len(batch) < l.maxBatch {
+		select {
+		case c := <-l.queue:
+			batch = append(batch, c)
+		default:
+			break fill
+		}
+	}
+	for len(batch) < min(minParallel, l.maxBatch) && l.busy.Load() > 0 {
+		select {
+		case c := <-l.queue:
+			batch = append(batch, c)
+		case <-l.freed: // a load finished (or an old token): check again
+		case <-l.done:
+			l.finish(batch, errClosed)
+			l.drain()
+			return nil
+		}
+	}
+	return batch
 }
 
 // finish ends calls with err.

@@ -81,7 +81,7 @@ func (c *config) serveFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.CacheTTL, "cache-ttl", cache.DefaultTTL, "time to live of cached users (jittered ±10%)")
 	fs.DurationVar(&c.NegativeTTL, "negative-ttl", cache.DefaultNegativeTTL, "time to live of cached absent ids")
 	fs.IntVar(&c.MaxBatch, "max-batch", cache.DefaultMaxBatch, "most ids loaded by one multi-key query")
-	fs.IntVar(&c.Loaders, "loaders", 0, "multi-key loads run at once (0: GOMAXPROCS/2, at least 1, at most the pool size)")
+	fs.IntVar(&c.Loaders, "loaders", 0, "multi-key loads run at once (0: GOMAXPROCS/2, at least 2, at most the pool size)")
 	fs.StringVar(&c.DebugAddr, "debug-addr", "", "listen address of the debug server with pprof and metrics (empty: off)")
 	fs.BoolVar(&c.PublicMetrics, "public-metrics", false, "also serve /metrics on the public listener")
 	fs.StringVar(&c.TrustedProxies, "trusted-proxies", "", "comma-separated addresses or CIDRs whose X-Forwarded-For is trusted")
