@@ -582,8 +582,8 @@ func TestReadAfterClose(t *testing.T) {
 // TestBatchingTakesRunnableMisses: a worker that takes a call first lets
 // the handlers that are already runnable queue their misses, so they go to
 // the store in the same batch instead of one query for the first and
-// another for the rest. With one P the interleaving is the scheduler's
-// order, not a race.
+// another for the rest. With one P the interleaving is mostly the
+// scheduler's order.
 func TestBatchingTakesRunnableMisses(t *testing.T) {
 	h := &hookStore{Store: newSQLite(t)}
 	var ids []int64
@@ -601,8 +601,12 @@ func TestBatchingTakesRunnableMisses(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	if got, want := h.batchSizes(), []int{10}; !slices.Equal(got, want) {
-		t.Errorf("batch sizes = %v, want %v", got, want)
+	// Usually one batch of ten; the scheduler may run the yielded worker
+	// before the last handlers now and then (it takes from the global run
+	// queue every 61st schedule, and other tests leave goroutines behind),
+	// which splits it in two. Without the yield it is ten batches of one.
+	if got := h.batchSizes(); len(got) > 3 {
+		t.Errorf("batch sizes = %v, want the ten misses in at most 3 batches", got)
 	}
 }
 
