@@ -145,10 +145,7 @@ func TestStampede(t *testing.T) {
 // go to the store together, in batches of at most MaxBatch.
 func TestBatching(t *testing.T) {
 	h := &hookStore{Store: newSQLite(t)}
-	var ids []int64
-	for i := range 41 {
-		ids = append(ids, mustCreate(t, h, fmt.Sprintf("b%d@example.com", i)).ID)
-	}
+	ids := createUsers(t, h, "b", 41)
 	c := newCache(t, h, Config{Mode: ModeOff, Coalesce: true, Loaders: 1, MaxBatch: 8})
 	gate := make(chan struct{})
 	var once sync.Once
@@ -159,13 +156,7 @@ func TestBatching(t *testing.T) {
 	var wg sync.WaitGroup
 	wg.Go(func() { version(t, c, ids[0]) })
 	eventually(t, 5*time.Second, "first load started", func() bool { return h.getUsers.Load() == 1 })
-	for _, id := range ids[1:] {
-		wg.Go(func() {
-			if v := version(t, c, id); v != 1 {
-				t.Errorf("user %d: version %d, want 1", id, v)
-			}
-		})
-	}
+	readConcurrently(t, &wg, c, ids[1:])
 	eventually(t, 5*time.Second, "40 misses queued", func() bool { return len(c.loader.queue) == 40 })
 	close(gate)
 	wg.Wait()
@@ -178,23 +169,14 @@ func TestBatching(t *testing.T) {
 // in fewer queries than ids, none larger than MaxBatch.
 func TestBatchingBounded(t *testing.T) {
 	h := &hookStore{Store: newSQLite(t)}
-	var ids []int64
-	for i := range 200 {
-		ids = append(ids, mustCreate(t, h, fmt.Sprintf("f%d@example.com", i)).ID)
-	}
+	ids := createUsers(t, h, "f", 200)
 	c := newCache(t, h, Config{Mode: ModeOff, Coalesce: true, Loaders: 2, MaxBatch: 16})
 	h.setHook(func(_ []int64, us []*userapi.User, err error) ([]*userapi.User, error) {
 		time.Sleep(5 * time.Millisecond)
 		return us, err
 	})
 	var wg sync.WaitGroup
-	for _, id := range ids {
-		wg.Go(func() {
-			if v := version(t, c, id); v != 1 {
-				t.Errorf("user %d: version %d, want 1", id, v)
-			}
-		})
-	}
+	readConcurrently(t, &wg, c, ids)
 	wg.Wait()
 	sizes := h.batchSizes()
 	total := 0
@@ -213,10 +195,7 @@ func TestBatchingBounded(t *testing.T) {
 // immediately, not after a batching delay.
 func TestIdleMissLoadsAtOnce(t *testing.T) {
 	h := &hookStore{Store: newSQLite(t)}
-	var ids []int64
-	for i := range 21 {
-		ids = append(ids, mustCreate(t, h, fmt.Sprintf("i%d@example.com", i)).ID)
-	}
+	ids := createUsers(t, h, "i", 21)
 	c := newCache(t, h, Config{Mode: ModeOff, Coalesce: true, MaxBatch: 64})
 	version(t, c, ids[0]) // warm the SQLite connection
 	var took []time.Duration
@@ -586,20 +565,11 @@ func TestReadAfterClose(t *testing.T) {
 // scheduler's order.
 func TestBatchingTakesRunnableMisses(t *testing.T) {
 	h := &hookStore{Store: newSQLite(t)}
-	var ids []int64
-	for i := range 10 {
-		ids = append(ids, mustCreate(t, h, fmt.Sprintf("r%d@example.com", i)).ID)
-	}
+	ids := createUsers(t, h, "r", 10)
 	c := newCache(t, h, Config{Mode: ModeOff, Coalesce: true, Loaders: 1, MaxBatch: 64})
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
 	var wg sync.WaitGroup
-	for _, id := range ids {
-		wg.Go(func() {
-			if v := version(t, c, id); v != 1 {
-				t.Errorf("user %d: version %d, want 1", id, v)
-			}
-		})
-	}
+	readConcurrently(t, &wg, c, ids)
 	wg.Wait()
 	// Usually one batch of ten; the scheduler may run the yielded worker
 	// before the last handlers now and then (it takes from the global run
@@ -614,10 +584,7 @@ func TestBatchingTakesRunnableMisses(t *testing.T) {
 // with minParallel ids; fewer wait for the running load to finish.
 func TestSecondLoadWaitsForFullBatch(t *testing.T) {
 	h := &hookStore{Store: newSQLite(t)}
-	var ids []int64
-	for i := range 1 + 5 + minParallel {
-		ids = append(ids, mustCreate(t, h, fmt.Sprintf("p%d@example.com", i)).ID)
-	}
+	ids := createUsers(t, h, "p", 1+5+minParallel)
 	c := newCache(t, h, Config{Mode: ModeOff, Coalesce: true, Loaders: 2, MaxBatch: 64})
 	gate := make(chan struct{})
 	release := sync.OnceFunc(func() { close(gate) })
@@ -630,25 +597,16 @@ func TestSecondLoadWaitsForFullBatch(t *testing.T) {
 		return us, err
 	})
 	var wg sync.WaitGroup
-	read := func(ids []int64) {
-		for _, id := range ids {
-			wg.Go(func() {
-				if v := version(t, c, id); v != 1 {
-					t.Errorf("user %d: version %d, want 1", id, v)
-				}
-			})
-		}
-	}
 	inflight := func() int {
 		c.loader.mu.Lock()
 		defer c.loader.mu.Unlock()
 		return len(c.loader.inflight)
 	}
-	read(ids[:1])
+	readConcurrently(t, &wg, c, ids[:1])
 	eventually(t, 5*time.Second, "first load started", func() bool { return h.getUsers.Load() == 1 })
 
 	// Five misses: the free worker gathers them but starts no load.
-	read(ids[1:6])
+	readConcurrently(t, &wg, c, ids[1:6])
 	eventually(t, 5*time.Second, "5 misses gathered", func() bool { return inflight() == 6 && len(c.loader.queue) == 0 })
 	if n := h.getUsers.Load(); n != 1 {
 		t.Fatalf("%d loads with one running and 5 ids waiting, want 1", n)
@@ -656,7 +614,7 @@ func TestSecondLoadWaitsForFullBatch(t *testing.T) {
 
 	// minParallel more: a second load starts with minParallel of them
 	// while the first still runs; the 5 left over wait again.
-	read(ids[6:])
+	readConcurrently(t, &wg, c, ids[6:])
 	eventually(t, 5*time.Second, "second load done, 5 gathered", func() bool {
 		return h.getUsers.Load() == 2 && inflight() == 6 && len(c.loader.queue) == 0
 	})

@@ -223,6 +223,16 @@ func (h *hookStore) DeleteUser(ctx context.Context, id int64, ifVersion int64) e
 	return h.Store.DeleteUser(ctx, id, ifVersion)
 }
 
+// createUsers creates n users with emails PREFIX0@example.com, … and returns
+// their ids.
+func createUsers(tb testing.TB, s userapi.Store, prefix string, n int) []int64 {
+	ids := make([]int64, 0, n)
+	for i := range n {
+		ids = append(ids, mustCreate(tb, s, fmt.Sprintf("%s%d@example.com", prefix, i)).ID)
+	}
+	return ids
+}
+
 func mustCreate(tb testing.TB, s userapi.Store, email string) *userapi.User {
 	tb.Helper()
 	in := userapi.UserCreate{Email: email, Name: "Test " + email}
@@ -246,6 +256,17 @@ func rename(tb testing.TB, s userapi.Store, id int64, name string) *userapi.User
 }
 
 // version reads id through the cache: its version, or 0 when absent.
+// readConcurrently starts a read of each id on wg; each must find version 1.
+func readConcurrently(t *testing.T, wg *sync.WaitGroup, c *Store, ids []int64) {
+	for _, id := range ids {
+		wg.Go(func() {
+			if v := version(t, c, id); v != 1 {
+				t.Errorf("user %d: version %d, want 1", id, v)
+			}
+		})
+	}
+}
+
 func version(tb testing.TB, c *Store, id int64) int64 {
 	tb.Helper()
 	e, err := c.GetUserEncoded(testContext(tb), id)
