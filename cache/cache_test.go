@@ -7,7 +7,6 @@ import (
 	"runtime"
 	"slices"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -581,46 +580,63 @@ func TestBatchingTakesRunnableMisses(t *testing.T) {
 }
 
 // TestSecondLoadWaitsForFullBatch: while one load runs, a second starts only
-// with minParallel ids; fewer wait for the running load to finish.
+// with minParallel ids; fewer wait for the running load to finish. With
+// three loaders, the two free ones must not split the waiting calls between
+// them (then neither would reach minParallel).
 func TestSecondLoadWaitsForFullBatch(t *testing.T) {
-	h := &hookStore{Store: newSQLite(t)}
-	ids := createUsers(t, h, "p", 1+5+minParallel)
-	c := newCache(t, h, Config{Mode: ModeOff, Coalesce: true, Loaders: 2, MaxBatch: 64})
-	gate := make(chan struct{})
-	release := sync.OnceFunc(func() { close(gate) })
-	t.Cleanup(release) // before the cache's Close, which waits for the loads
-	var loads atomic.Int32
-	h.setHook(func(_ []int64, us []*userapi.User, err error) ([]*userapi.User, error) {
-		if loads.Add(1) == 1 {
-			<-gate // the first load runs until the gate opens
-		}
-		return us, err
-	})
-	var wg sync.WaitGroup
-	inflight := func() int {
-		c.loader.mu.Lock()
-		defer c.loader.mu.Unlock()
-		return len(c.loader.inflight)
+	for _, loaders := range []int{2, 3} {
+		t.Run(fmt.Sprintf("loaders=%d", loaders), func(t *testing.T) {
+			h := &hookStore{Store: newSQLite(t)}
+			ids := createUsers(t, h, "p", 1+5+minParallel)
+			c := newCache(t, h, Config{Mode: ModeOff, Coalesce: true, Loaders: loaders, MaxBatch: 64})
+			c.loader.gatherWait = time.Hour // only the running load's end releases a small batch
+			release := gateFirstLoad(t, h)
+			var wg sync.WaitGroup
+			readConcurrently(t, &wg, c, ids[:1])
+			eventually(t, 5*time.Second, "first load started", func() bool { return h.getUsers.Load() == 1 })
+
+			// Five misses: a free worker gathers them but starts no load.
+			readConcurrently(t, &wg, c, ids[1:6])
+			eventually(t, 5*time.Second, "5 misses gathered", func() bool {
+				return inflightCalls(c) == 6 && len(c.loader.queue) == 0
+			})
+			if n := h.getUsers.Load(); n != 1 {
+				t.Fatalf("%d loads with one running and 5 ids waiting, want 1", n)
+			}
+
+			// minParallel more: a second load starts with minParallel of
+			// them while the first still runs; the 5 left over wait again.
+			readConcurrently(t, &wg, c, ids[6:])
+			eventually(t, 5*time.Second, "second load done, 5 gathered", func() bool {
+				return h.getUsers.Load() == 2 && inflightCalls(c) == 6 && len(c.loader.queue) == 0
+			})
+			release()
+			wg.Wait()
+			if got, want := h.batchSizes(), []int{1, minParallel, 5}; !slices.Equal(got, want) {
+				t.Errorf("batch sizes = %v, want %v", got, want)
+			}
+		})
 	}
+}
+
+// TestStalledLoadReleasesSmallBatch: a load that hangs holds up the misses
+// behind it only for gatherWait, then a second load takes them.
+func TestStalledLoadReleasesSmallBatch(t *testing.T) {
+	h := &hookStore{Store: newSQLite(t)}
+	ids := createUsers(t, h, "s", 2)
+	c := newCache(t, h, Config{Mode: ModeOff, Coalesce: true, Loaders: 2, MaxBatch: 64})
+	c.loader.gatherWait = 10 * time.Millisecond
+	release := gateFirstLoad(t, h)
+	var wg sync.WaitGroup
 	readConcurrently(t, &wg, c, ids[:1])
 	eventually(t, 5*time.Second, "first load started", func() bool { return h.getUsers.Load() == 1 })
-
-	// Five misses: the free worker gathers them but starts no load.
-	readConcurrently(t, &wg, c, ids[1:6])
-	eventually(t, 5*time.Second, "5 misses gathered", func() bool { return inflight() == 6 && len(c.loader.queue) == 0 })
-	if n := h.getUsers.Load(); n != 1 {
-		t.Fatalf("%d loads with one running and 5 ids waiting, want 1", n)
-	}
-
-	// minParallel more: a second load starts with minParallel of them
-	// while the first still runs; the 5 left over wait again.
-	readConcurrently(t, &wg, c, ids[6:])
-	eventually(t, 5*time.Second, "second load done, 5 gathered", func() bool {
-		return h.getUsers.Load() == 2 && inflight() == 6 && len(c.loader.queue) == 0
+	readConcurrently(t, &wg, c, ids[1:])
+	eventually(t, 5*time.Second, "second load done while the first hangs", func() bool {
+		return h.getUsers.Load() == 2 && inflightCalls(c) == 1
 	})
 	release()
 	wg.Wait()
-	if got, want := h.batchSizes(), []int{1, minParallel, 5}; !slices.Equal(got, want) {
+	if got, want := h.batchSizes(), []int{1, 1}; !slices.Equal(got, want) {
 		t.Errorf("batch sizes = %v, want %v", got, want)
 	}
 }

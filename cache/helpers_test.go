@@ -256,6 +256,29 @@ func rename(tb testing.TB, s userapi.Store, id int64, name string) *userapi.User
 }
 
 // version reads id through the cache: its version, or 0 when absent.
+// gateFirstLoad makes h's first read hang until the returned release is
+// called (also at cleanup, before the cache's Close waits for the load).
+func gateFirstLoad(t *testing.T, h *hookStore) (release func()) {
+	gate := make(chan struct{})
+	release = sync.OnceFunc(func() { close(gate) })
+	t.Cleanup(release)
+	var loads atomic.Int32
+	h.setHook(func(_ []int64, us []*userapi.User, err error) ([]*userapi.User, error) {
+		if loads.Add(1) == 1 {
+			<-gate
+		}
+		return us, err
+	})
+	return release
+}
+
+// inflightCalls is the number of ids being loaded or waiting for a load.
+func inflightCalls(c *Store) int {
+	c.loader.mu.Lock()
+	defer c.loader.mu.Unlock()
+	return len(c.loader.inflight)
+}
+
 // readConcurrently starts a read of each id on wg; each must find version 1.
 func readConcurrently(t *testing.T, wg *sync.WaitGroup, c *Store, ids []int64) {
 	for _, id := range ids {

@@ -16,13 +16,14 @@ import (
 // share one call (coalescing), and calls queued while the workers are busy
 // are loaded together by one store.GetUsers (batching).
 //
-// There is no timer: a worker that is free takes the first queued call at
-// once, yields so that handlers already runnable can queue theirs, and adds
-// the calls that are then waiting, so an idle system loads a miss
+// There is no batching delay: a worker that is free takes the first queued
+// call at once, yields so that handlers already runnable can queue theirs,
+// and adds the calls that are then waiting, so an idle system loads a miss
 // immediately, and under load a batch is whatever queued while the previous
 // loads ran. A second load runs beside a first only with a batch worth it
-// (minParallel), which keeps the database busy during the other's round trip
-// without splitting the batches into small ones. The in-flight table plays the role of
+// (minParallel), or when the first has run for maxGatherWait, which keeps
+// the database busy during the other's round trip without splitting the
+// batches into small ones. The in-flight table plays the role of
 // x/sync/singleflight, but is also the batch queue's index, so a waiting
 // caller costs no goroutine of its own.
 type loader struct {
@@ -33,11 +34,15 @@ type loader struct {
 	mu       sync.Mutex
 	inflight map[int64]*call
 
-	queue   chan *call
-	busy    atomic.Int32  // loads running
-	freed   chan struct{} // a token after each load (capacity 1, never blocks)
-	done    chan struct{} // closed by stop
-	workers sync.WaitGroup
+	queue  chan *call
+	taking sync.Mutex    // held by the one worker forming a batch (see take)
+	busy   atomic.Int32  // loads running
+	freed  chan struct{} // a token after each load (capacity 1, never blocks)
+	// gatherWait bounds how long a batch under minParallel waits for a
+	// running load to finish (see take).
+	gatherWait time.Duration
+	done       chan struct{} // closed by stop
+	workers    sync.WaitGroup
 }
 
 // call is one id's load, shared by every caller that asked for the id while
@@ -57,13 +62,14 @@ const queueLen = 16384
 
 func newLoader(s *Store, workers, maxBatch int, timeout time.Duration) *loader {
 	l := &loader{
-		s:        s,
-		maxBatch: maxBatch,
-		timeout:  timeout,
-		inflight: make(map[int64]*call),
-		queue:    make(chan *call, queueLen),
-		freed:    make(chan struct{}, 1),
-		done:     make(chan struct{}),
+		s:          s,
+		maxBatch:   maxBatch,
+		timeout:    timeout,
+		inflight:   make(map[int64]*call),
+		queue:      make(chan *call, queueLen),
+		freed:      make(chan struct{}, 1),
+		gatherWait: maxGatherWait,
+		done:       make(chan struct{}),
 	}
 	for range workers {
 		l.workers.Go(l.work)
@@ -130,6 +136,12 @@ func (l *loader) forget(id int64) {
 // they would with one loader.
 const minParallel = 16
 
+// maxGatherWait is the longest a batch under minParallel waits for a running
+// load. Loads take well under a millisecond when the database is healthy; a
+// stalled one (a lock wait, a slow connection) must not hold up the misses
+// behind it for the whole load timeout.
+const maxGatherWait = 5 * time.Millisecond
+
 // work takes batches (see take) and loads each with one store.GetUsers.
 func (l *loader) work() {
 	batch := make([]*call, 0, l.maxBatch)
@@ -144,7 +156,6 @@ func (l *loader) work() {
 			ids = append(ids, c.id)
 		}
 		l.s.m.batchSize.Observe(float64(len(batch)))
-		l.busy.Add(1)
 		rs := l.s.begin()
 		ctx, cancel := context.WithTimeout(l.s.ctx, l.timeout)
 		users, err := l.s.store.GetUsers(ctx, ids)
@@ -172,13 +183,19 @@ func (l *loader) work() {
 	}
 }
 
-// take returns the next batch, appended to batch: the first queued call,
-// then the calls already waiting, up to maxBatch. While another load runs
-// and the batch is under minParallel, it goes on gathering until the batch
-// reaches it or no load runs. It returns nil after stop.
+// take returns the next batch, appended to batch, and counts its load as
+// running: the first queued call, then the calls already waiting, up to
+// maxBatch. While another load runs and the batch is under minParallel, it
+// goes on gathering until the batch reaches it, no load runs, or
+// gatherWait has passed. It returns nil after stop.
 //
-// There is no timer anywhere: with nothing running, a batch goes at once.
+// One worker forms a batch at a time, so workers waiting for a running load
+// do not split the queue between them, and a worker whose load just
+// finished does not overtake the one already gathering. With nothing
+// running, a batch goes at once: there is no timer on the idle path.
 func (l *loader) take(batch []*call) []*call {
+	l.taking.Lock()
+	defer l.taking.Unlock()
 	select {
 	case c := <-l.queue:
 		batch = append(batch, c)
@@ -200,17 +217,25 @@ fill:
 			break fill
 		}
 	}
-	for len(batch) < min(minParallel, l.maxBatch) && l.busy.Load() > 0 {
-		select {
-		case c := <-l.queue:
-			batch = append(batch, c)
-		case <-l.freed: // a load finished (or an old token): check again
-		case <-l.done:
-			l.finish(batch, errClosed)
-			l.drain()
-			return nil
+	if len(batch) < min(minParallel, l.maxBatch) && l.busy.Load() > 0 {
+		wait := time.NewTimer(l.gatherWait)
+		defer wait.Stop()
+	gather:
+		for len(batch) < min(minParallel, l.maxBatch) && l.busy.Load() > 0 {
+			select {
+			case c := <-l.queue:
+				batch = append(batch, c)
+			case <-l.freed: // a load finished (or an old token): check again
+			case <-wait.C:
+				break gather
+			case <-l.done:
+				l.finish(batch, errClosed)
+				l.drain()
+				return nil
+			}
 		}
 	}
+	l.busy.Add(1)
 	return batch
 }
 
