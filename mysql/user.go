@@ -19,6 +19,16 @@ const maxIDsPerQuery = 1024
 // transaction begins (keepTxStatements): a transaction holds its
 // connection, and keeping a statement inside it would need a second one
 // from a pool the transactions may have drained.
+// userColumns is the column list every query that returns users selects, in
+// the order scanUser reads them.
+const userColumns = `
+	id,
+	email,
+	name,
+	created_at,
+	updated_at,
+	version`
+
 const (
 	insertUserSQL = `
 		INSERT INTO users (
@@ -39,13 +49,7 @@ const (
 		) VALUES (?, ?, ?, ?, ?)`
 
 	lockUserSQL = `
-		SELECT
-			id,
-			email,
-			name,
-			created_at,
-			updated_at,
-			version
+		SELECT` + userColumns + `
 		FROM users
 		WHERE id = ?
 		FOR UPDATE`
@@ -78,13 +82,7 @@ func (s *Store) GetUser(ctx context.Context, id int64) (*userapi.User, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	u, err := scanUser(s.queryRow(ctx, nil, `
-		SELECT
-			id,
-			email,
-			name,
-			created_at,
-			updated_at,
-			version
+		SELECT`+userColumns+`
 		FROM users
 		WHERE id = ?`,
 		id))
@@ -112,13 +110,7 @@ func (s *Store) GetUsers(ctx context.Context, ids []int64) ([]*userapi.User, err
 			args = append(args, batch[min(i, len(batch)-1)])
 		}
 		rows, err := s.query(ctx, nil, `
-			SELECT
-				id,
-				email,
-				name,
-				created_at,
-				updated_at,
-				version
+			SELECT`+userColumns+`
 			FROM users
 			WHERE id IN (`+placeholders(n)+`)`,
 			args...)
@@ -157,13 +149,7 @@ func (s *Store) ListUsers(ctx context.Context, f userapi.UserFilter) ([]*userapi
 	var err error
 	if f.Email == "" {
 		rows, err = s.query(ctx, nil, `
-			SELECT
-				id,
-				email,
-				name,
-				created_at,
-				updated_at,
-				version
+			SELECT`+userColumns+`
 			FROM users
 			WHERE id > ?
 			ORDER BY id
@@ -171,13 +157,7 @@ func (s *Store) ListUsers(ctx context.Context, f userapi.UserFilter) ([]*userapi
 			f.AfterID, limit)
 	} else {
 		rows, err = s.query(ctx, nil, `
-			SELECT
-				id,
-				email,
-				name,
-				created_at,
-				updated_at,
-				version
+			SELECT`+userColumns+`
 			FROM users
 			WHERE id > ?
 				AND email = ?
