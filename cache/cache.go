@@ -603,11 +603,13 @@ func (s *Store) CreateUser(ctx context.Context, in userapi.UserCreate) (*userapi
 // UpdateUser updates the user, then invalidates its cached versions before
 // returning. When the outcome is unknown (a timeout may hide a commit) it
 // invalidates with a poison tombstone that rejects every fill until it
-// expires.
+// expires, and so it does when the row is not found: a writer that died
+// between a delete's commit and its invalidation (a retried DELETE is then
+// answered 404) must not leave the row cached until its TTL.
 func (s *Store) UpdateUser(ctx context.Context, id int64, upd userapi.UserUpdate) (*userapi.User, error) {
 	u, err := s.store.UpdateUser(ctx, id, upd)
 	if err != nil {
-		if maybeCommitted(err) {
+		if maybeCommitted(err) || errors.Is(err, userapi.ErrNotFound) {
 			s.invalidate(ctx, id, poisonVersion)
 		}
 		return nil, err
@@ -618,10 +620,11 @@ func (s *Store) UpdateUser(ctx context.Context, id int64, upd userapi.UserUpdate
 
 // DeleteUser deletes the user, then invalidates it with a poison tombstone
 // (the deleted version is not known, and no version of a deleted row may be
-// filled again). After the tombstone expires the id is cached as absent.
+// filled again). After the tombstone expires the id is cached as absent. A
+// delete answered 404 invalidates too (see UpdateUser).
 func (s *Store) DeleteUser(ctx context.Context, id int64, ifVersion int64) error {
 	err := s.store.DeleteUser(ctx, id, ifVersion)
-	if err == nil || maybeCommitted(err) {
+	if err == nil || maybeCommitted(err) || errors.Is(err, userapi.ErrNotFound) {
 		s.invalidate(ctx, id, poisonVersion)
 	}
 	return err

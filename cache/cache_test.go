@@ -435,6 +435,49 @@ func TestDeleteInvalidates(t *testing.T) {
 	}
 }
 
+// TestNotFoundWriteInvalidates: a writer that died between its commit and
+// its invalidation leaves the old row cached. The next write of that id is
+// answered 404 (a retried DELETE, say); that answer proves the row is gone,
+// so it must clear the cached copy, in every tier, instead of leaving it to
+// its TTL.
+func TestNotFoundWriteInvalidates(t *testing.T) {
+	writes := map[string]func(c *Store, id int64) error{
+		"delete": func(c *Store, id int64) error { return c.DeleteUser(testContext(t), id, 0) },
+		"update": func(c *Store, id int64) error {
+			_, err := c.UpdateUser(testContext(t), id, userapi.UserUpdate{Name: ptr("X")})
+			return err
+		},
+	}
+	for _, i := range cachingModes() {
+		m := cacheModes[i]
+		for name, write := range writes {
+			t.Run(m.name+"/"+name, func(t *testing.T) {
+				if m.redis {
+					needRedis(t)
+				}
+				h := &hookStore{Store: newSQLite(t)}
+				u := mustCreate(t, h, "gone@example.com")
+				c := newCache(t, h, m.cfg)
+				version(t, c, u.ID)
+				// The dead writer's commit, without its invalidation.
+				if err := h.Store.DeleteUser(testContext(t), u.ID, 0); err != nil {
+					t.Fatal(err)
+				}
+				if v := version(t, c, u.ID); v != 1 {
+					t.Fatalf("before the 404: version %d, want the stale 1 (the test needs it cached)", v)
+				}
+				if err := write(c, u.ID); !errors.Is(err, userapi.ErrNotFound) {
+					t.Fatalf("%s of a deleted row: %v, want ErrNotFound", name, err)
+				}
+				if v := version(t, c, u.ID); v != 0 {
+					t.Errorf("after a 404 %s the cache still serves version %d", name, v)
+				}
+				checkTiers(t, c, h, u.ID)
+			})
+		}
+	}
+}
+
 // TestDatabaseDown: with the database unreachable, cached entries are still
 // served, misses fail with ErrUnavailable, and service resumes when it
 // returns.
