@@ -184,6 +184,11 @@ const (
 // exactly.
 const poisonVersion = 1 << 62
 
+// releaseVersion is the "version" of the invalidation that ends a write
+// which changed nothing (refused by the database): it resolves the write's
+// intent and guards nothing else.
+const releaseVersion = 0
+
 // Store is the caching decorator. It is safe for concurrent use.
 type Store struct {
 	store  userapi.Store
@@ -410,7 +415,7 @@ func (s *Store) redisLookup(ctx context.Context, id int64) (enc userapi.Encoded,
 		s.m.redisError.Inc()
 		return enc, false, err
 	}
-	if e == nil || e.kind == kindTombstone {
+	if e == nil || e.kind.guards() {
 		s.m.redisMiss.Inc()
 		return enc, false, nil
 	}
@@ -605,13 +610,13 @@ func (s *Store) CreateUser(ctx context.Context, in userapi.UserCreate) (*userapi
 // invalidates with a poison tombstone that rejects every fill until it
 // expires, and so it does when the row is not found: a writer that died
 // between a delete's commit and its invalidation (a retried DELETE is then
-// answered 404) must not leave the row cached until its TTL.
+// answered 404) must not leave the row cached until its TTL. A write the
+// database refused releases its intent.
 func (s *Store) UpdateUser(ctx context.Context, id int64, upd userapi.UserUpdate) (*userapi.User, error) {
+	s.intend(ctx, id)
 	u, err := s.store.UpdateUser(ctx, id, upd)
 	if err != nil {
-		if maybeCommitted(err) || errors.Is(err, userapi.ErrNotFound) {
-			s.invalidate(ctx, id, poisonVersion)
-		}
+		s.invalidate(ctx, id, failedWriteVersion(err))
 		return nil, err
 	}
 	s.invalidate(ctx, id, u.Version)
@@ -623,11 +628,23 @@ func (s *Store) UpdateUser(ctx context.Context, id int64, upd userapi.UserUpdate
 // filled again). After the tombstone expires the id is cached as absent. A
 // delete answered 404 invalidates too (see UpdateUser).
 func (s *Store) DeleteUser(ctx context.Context, id int64, ifVersion int64) error {
+	s.intend(ctx, id)
 	err := s.store.DeleteUser(ctx, id, ifVersion)
-	if err == nil || maybeCommitted(err) || errors.Is(err, userapi.ErrNotFound) {
+	if err == nil {
 		s.invalidate(ctx, id, poisonVersion)
+	} else {
+		s.invalidate(ctx, id, failedWriteVersion(err))
 	}
 	return err
+}
+
+// failedWriteVersion is the invalidation a failed update or delete ends
+// with: poison when the row may have changed or is gone, else a release.
+func failedWriteVersion(err error) int64 {
+	if maybeCommitted(err) || errors.Is(err, userapi.ErrNotFound) {
+		return poisonVersion
+	}
+	return releaseVersion
 }
 
 // maybeCommitted reports whether a failed write may nevertheless have
@@ -645,14 +662,29 @@ func maybeCommitted(err error) bool {
 	return true
 }
 
+// intend announces a write of id before it reaches the database: Redis
+// and, through the notice, every other instance's local tier hold an intent
+// that rejects fills and is not served until the write's invalidation
+// replaces it. A writer that dies between its commit and its invalidation
+// (a crash, a kill) so leaves no old version cached: the intent expires
+// after TombstoneTTL, and by then every read that could have seen the old
+// row is too old to fill. Only the tiers other instances share need it: a
+// dead writer's own local tier dies with it. Without Redis at hand the
+// write goes on unannounced, as every write did before intents.
+func (s *Store) intend(ctx context.Context, id int64) {
+	if s.redis != nil {
+		s.redis.intend(context.WithoutCancel(ctx), id)
+	}
+}
+
 // invalidate makes every tier forget versions of id below version, before
 // the write returns: a read that starts after it on this instance goes to
 // the database (or finds a newer fill), and the other instances get a
 // notice. Redis failures do not fail the write (it has committed): the
 // invalidation is remembered and applied when Redis is back, before Redis is
-// read again.
+// read again. A release (releaseVersion) only resolves the write's intent.
 func (s *Store) invalidate(ctx context.Context, id, version int64) {
-	if s.loader != nil {
+	if s.loader != nil && version != releaseVersion {
 		// A load already in flight may have read the old row; later reads
 		// must not join it.
 		s.loader.forget(id)
@@ -670,7 +702,7 @@ func (s *Store) invalidate(ctx context.Context, id, version int64) {
 // onNotice applies another instance's (or our own) invalidation notice.
 func (s *Store) onNotice(id, version int64) {
 	s.m.invReceived.Inc()
-	if s.loader != nil {
+	if s.loader != nil && version != releaseVersion {
 		s.loader.forget(id)
 	}
 	if s.local != nil {
@@ -678,6 +710,18 @@ func (s *Store) onNotice(id, version int64) {
 	}
 	if s.cfg.onNotice != nil {
 		s.cfg.onNotice(id, version, time.Now())
+	}
+}
+
+// onIntent applies another instance's (or our own) intent notice.
+func (s *Store) onIntent(id int64) {
+	s.m.intentsReceived.Inc()
+	if s.loader != nil {
+		// A load in flight may finish after the commit with the old row.
+		s.loader.forget(id)
+	}
+	if s.local != nil {
+		s.local.intent(id, s.cfg.TombstoneTTL)
 	}
 }
 

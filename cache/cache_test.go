@@ -317,7 +317,7 @@ func checkTiers(t *testing.T, c *Store, db userapi.Store, id int64) {
 	}
 	check := func(tier string, e *entry) {
 		switch {
-		case e == nil || e.kind == kindTombstone:
+		case e == nil || e.kind.guards():
 		case e.kind == kindAbsent && row != nil:
 			t.Errorf("%s tier caches id %d as absent; the database has version %d", tier, id, row.Version)
 		case e.kind == kindValue && row == nil:

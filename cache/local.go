@@ -15,7 +15,17 @@ const (
 	kindValue     kind = iota + 1 // the row, encoded, at version
 	kindAbsent                    // no such row (negative entry); version 0
 	kindTombstone                 // versions below version are stale; never served
+	// kindIntent: a write of the id is under way (see Store.intend). It
+	// rejects every fill and is never served; the write's invalidation
+	// replaces it with a tombstone, and if the writer died first it
+	// expires like one. version carries the highest version the entry it
+	// replaced knew of, so that the tombstone keeps guarding it.
+	kindIntent
 )
+
+// guards reports whether k is a guard against stale fills rather than data:
+// a guard is never served and stays in force across channel epochs.
+func (k kind) guards() bool { return k == kindTombstone || k == kindIntent }
 
 // entry is one cached id, in either tier. It is immutable once installed.
 type entry struct {
@@ -44,6 +54,7 @@ const (
 
 // admit decides a fill of e over old, the same rule in both tiers (Redis
 // runs it as the fill script):
+//   - an intent rejects every fill;
 //   - a value is rejected by a tombstone or value of a higher version, and
 //     replaces anything else (an absence is older than any value: an id
 //     that is deleted gets a poison tombstone first, and a fill is dropped
@@ -56,6 +67,11 @@ const (
 func admit(old, e *entry, stale bool) fillResult {
 	if old == nil {
 		return fillInstalled
+	}
+	if old.kind == kindIntent {
+		// The read may have come before the write's commit, and the
+		// write's version is not known yet.
+		return fillStale
 	}
 	switch e.kind {
 	case kindValue:
@@ -89,11 +105,11 @@ type localTier struct {
 func newLocalTier(maxBytes int64) (*localTier, error) {
 	c, err := otter.New(&otter.Options[int64, *entry]{
 		MaximumWeight: uint64(maxBytes),
-		// Tombstones weigh nothing, so size pressure never evicts one
-		// before it has done its job (guarding against stale fills); they
-		// are few (one per write in the last TombstoneTTL) and small.
+		// Guards weigh nothing, so size pressure never evicts one before
+		// it has done its job (rejecting stale fills); they are few (one
+		// per write in the last TombstoneTTL) and small.
 		Weigher: func(_ int64, e *entry) uint32 {
-			if e.kind == kindTombstone {
+			if e.kind.guards() {
 				return 0
 			}
 			return uint32(entryOverhead + len(e.json))
@@ -125,7 +141,7 @@ func (l *localTier) fill(id int64, e *entry, state *atomic.Uint64) fillResult {
 		if !found {
 			old = nil
 		}
-		res = admit(old, e, found && old.kind != kindTombstone && old.epoch != cur)
+		res = admit(old, e, found && !old.kind.guards() && old.epoch != cur)
 		if res != fillInstalled {
 			return old, otter.CancelOp
 		}
@@ -135,14 +151,32 @@ func (l *localTier) fill(id int64, e *entry, state *atomic.Uint64) fillResult {
 }
 
 // tombstone makes the tier reject fills of id below version, for ttl,
-// unless it already holds that version or a newer one.
+// unless it already holds that version or a newer one. It resolves an
+// intent whatever the versions: the write it announced has finished. A
+// release (version 0: the write changed nothing) only resolves an intent.
 func (l *localTier) tombstone(id, version int64, ttl time.Duration) {
-	t := &entry{kind: kindTombstone, version: version, ttl: ttl}
 	l.c.Compute(id, func(old *entry, found bool) (*entry, otter.ComputeOp) {
-		if found && old.kind != kindAbsent && old.version >= version {
+		v := version
+		switch {
+		case found && old.kind == kindIntent:
+			v = max(v, old.version)
+		case version == releaseVersion, found && old.kind != kindAbsent && old.version >= version:
 			return old, otter.CancelOp
 		}
-		return t, otter.WriteOp
+		return &entry{kind: kindTombstone, version: v, ttl: ttl}, otter.WriteOp
+	})
+}
+
+// intent marks id as being written, for ttl or until the write's
+// tombstone resolves it: until then no fill is accepted and nothing is
+// served.
+func (l *localTier) intent(id int64, ttl time.Duration) {
+	l.c.Compute(id, func(old *entry, found bool) (*entry, otter.ComputeOp) {
+		var v int64
+		if found && old.kind != kindAbsent {
+			v = old.version
+		}
+		return &entry{kind: kindIntent, version: v, ttl: ttl}, otter.WriteOp
 	})
 }
 

@@ -25,6 +25,7 @@ type metrics struct {
 	channelUp    prometheus.Gauge
 
 	invSent, invReceived, invFailed prometheus.Counter
+	intentsSent, intentsReceived    prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -35,7 +36,7 @@ func newMetrics() *metrics {
 		}, []string{"tier", "result"}),
 		fills: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "userapi_cache_fills_total",
-			Help: "Version-guarded fills by tier and result: installed, stale (rejected: the tier holds a newer version or a write's tombstone), unchanged, skipped (tier unusable or the channel epoch changed), late (the read was too old to fill).",
+			Help: "Version-guarded fills by tier and result: installed, stale (rejected: the tier holds a newer version or a write's tombstone or intent), unchanged, skipped (tier unusable or the channel epoch changed), late (the read was too old to fill).",
 		}, []string{"tier", "result"}),
 		coalesced: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "userapi_cache_coalesced_waiters_total",
@@ -74,6 +75,14 @@ func newMetrics() *metrics {
 			Name: "userapi_cache_invalidations_failed_total",
 			Help: "Write invalidations that Redis did not take at once; they are remembered and applied before Redis is read again.",
 		}),
+		intentsSent: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "userapi_cache_intents_sent_total",
+			Help: "Write intents applied to Redis (intent and notice) before an update or delete went to the database.",
+		}),
+		intentsReceived: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "userapi_cache_intents_received_total",
+			Help: "Write intent notices received on the channel (including our own).",
+		}),
 	}
 	l, r := "local", "redis"
 	m.localHit = m.lookups.WithLabelValues(l, "hit")
@@ -103,7 +112,7 @@ func (m *metrics) register(s *Store, reg prometheus.Registerer) {
 		return
 	}
 	reg.MustRegister(m.lookups, m.fills, m.coalesced, m.batchSize, m.loads, m.loadErrors,
-		m.invSent, m.invReceived, m.invFailed)
+		m.invSent, m.invReceived, m.invFailed, m.intentsSent, m.intentsReceived)
 	if s.redis != nil {
 		reg.MustRegister(m.breakerState, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "userapi_cache_invalidations_pending",

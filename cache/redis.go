@@ -23,6 +23,8 @@ import (
 //	v42|{"id":7,...}   the row at version 42
 //	n0|                the id does not exist
 //	t43|               versions below 43 are stale (a write's tombstone)
+//	w42|               a write is under way (an intent); 42 is the version
+//	                   the entry it replaced knew of
 //
 // The scripts below read the header to guard fills by version, the same
 // rule as admit. Versions are compared as Lua numbers (doubles): exact up to
@@ -38,6 +40,7 @@ if cur then
   local sep = string.find(cur, '|', 2, true)
   local cv = tonumber(string.sub(cur, 2, sep - 1))
   local v = tonumber(ARGV[2])
+  if k == 'w' then return 0 end
   if string.sub(ARGV[1], 1, 1) == 'n' then
     if k == 'n' then return 2 end
     return 0
@@ -52,25 +55,49 @@ return 1
 // invalidateScript installs a write's tombstone unless the key already
 // holds that version or a newer one, and publishes the notice, in one round
 // trip and atomically: an instance that sees the notice finds the tombstone.
-// KEYS[1] key; ARGV[1] the tombstone; ARGV[2] its version; ARGV[3] TTL in
-// ms; ARGV[4] the channel (empty for none); ARGV[5] the notice.
+// Over an intent it installs the tombstone at the higher of the two
+// versions, and a release (version 0) does nothing else.
+// KEYS[1] key; ARGV[1] the tombstone's version; ARGV[2] TTL in ms; ARGV[3]
+// the channel (empty for none); ARGV[4] the notice.
 // Returns 1 installed, 0 kept.
 const invalidateScript = `
 local cur = redis.call('GET', KEYS[1])
+local v = ARGV[1]
 local set = 1
 if cur then
+  local k = string.sub(cur, 1, 1)
   local sep = string.find(cur, '|', 2, true)
-  if string.sub(cur, 1, 1) ~= 'n' and tonumber(string.sub(cur, 2, sep - 1)) >= tonumber(ARGV[2]) then
+  local cv = string.sub(cur, 2, sep - 1)
+  if k == 'w' then
+    if tonumber(cv) > tonumber(v) then v = cv end
+  elseif v == '0' or (k ~= 'n' and tonumber(cv) >= tonumber(v)) then
     set = 0
   end
+elseif v == '0' then
+  set = 0
 end
-if set == 1 then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]) end
-if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+if set == 1 then redis.call('SET', KEYS[1], 't' .. v .. '|', 'PX', ARGV[2]) end
+if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
 return set
 `
 
-// Notices on the channel: "i:<id>:<version>" an invalidation, "h:<nonce>"
-// a heartbeat (each instance listens for its own), "g:<gen>" a new key
+// intentScript installs a write's intent, carrying the version of what it
+// replaces, and publishes the notice.
+// KEYS[1] key; ARGV[1] TTL in ms; ARGV[2] the channel (empty for none);
+// ARGV[3] the notice.
+const intentScript = `
+local cur = redis.call('GET', KEYS[1])
+local v = '0'
+if cur and string.sub(cur, 1, 1) ~= 'n' then
+  v = string.sub(cur, 2, string.find(cur, '|', 2, true) - 1)
+end
+redis.call('SET', KEYS[1], 'w' .. v .. '|', 'PX', ARGV[1])
+if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+return 1
+`
+
+// Notices on the channel: "i:<id>:<version>" an invalidation, "w:<id>" a
+// write's intent, "h:<nonce>" a heartbeat (each instance listens for its own), "g:<gen>" a new key
 // generation.
 
 // redisTier is the shared tier. It is usable only while Redis answers and
@@ -88,8 +115,8 @@ type redisTier struct {
 	keys    atomic.Pointer[string] // key prefix of the current generation
 	nonce   string                 // tells our heartbeats from others'
 
-	fill1, inval *rueidis.Lua
-	fillSHA      string
+	fill1, inval, intent *rueidis.Lua
+	fillSHA              string
 
 	cb circuitbreaker.CircuitBreaker[any]
 	// health goes up by one at every change of usability and is odd while
@@ -127,6 +154,7 @@ func newRedisTier(s *Store, client rueidis.Client, opt *rueidis.ClientOption) *r
 		nonce:   strconv.FormatUint(rand.Uint64(), 36),
 		fill1:   rueidis.NewLuaScript(fillScript),
 		inval:   rueidis.NewLuaScript(invalidateScript),
+		intent:  rueidis.NewLuaScript(intentScript),
 		pending: make(map[int64]int64),
 		wake:    make(chan struct{}, 1),
 		beat:    make(chan struct{}, 1),
@@ -288,6 +316,8 @@ func encodeEntry(e *entry) string {
 		b.WriteByte('v')
 	case kindAbsent:
 		b.WriteByte('n')
+	case kindIntent:
+		b.WriteByte('w')
 	default:
 		b.WriteByte('t')
 	}
@@ -315,6 +345,8 @@ func decodeEntry(b []byte) (*entry, error) {
 		e.kind = kindAbsent
 	case 't':
 		e.kind = kindTombstone
+	case 'w':
+		e.kind = kindIntent
 	default:
 		return nil, fmt.Errorf("malformed cache value %.20q", b)
 	}
@@ -384,9 +416,14 @@ func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry, hea
 // invalidate installs a tombstone for id at version and notifies the other
 // instances. If Redis cannot take it now, it is remembered and applied
 // before Redis is read again.
+//
+// A release is not remembered: the intent it would resolve expires on its
+// own, and it guards nothing.
 func (r *redisTier) invalidate(ctx context.Context, id, version int64) {
 	if !r.usable() || r.overflowed.Load() {
-		r.remember(id, version)
+		if version != releaseVersion {
+			r.remember(id, version)
+		}
 		return
 	}
 	c := r.client()
@@ -396,8 +433,10 @@ func (r *redisTier) invalidate(ctx context.Context, id, version int64) {
 	if err != nil {
 		r.s.m.invFailed.Inc()
 		r.failed(err)
-		r.remember(id, version)
-		r.poke()
+		if version != releaseVersion {
+			r.remember(id, version)
+			r.poke()
+		}
 		return
 	}
 	r.succeeded()
@@ -414,8 +453,30 @@ func (r *redisTier) invalidate(ctx context.Context, id, version int64) {
 
 func (r *redisTier) invalidateArgs(id, version int64) []string {
 	v := strconv.FormatInt(version, 10)
-	return []string{"t" + v + "|", v, strconv.FormatInt(r.s.cfg.TombstoneTTL.Milliseconds(), 10),
+	return []string{v, strconv.FormatInt(r.s.cfg.TombstoneTTL.Milliseconds(), 10),
 		r.channel, "i:" + strconv.FormatInt(id, 10) + ":" + v}
+}
+
+// intend installs a write's intent for id and notifies the other
+// instances. When Redis cannot take it the write goes on without one: the
+// invalidation after the write is what is remembered.
+func (r *redisTier) intend(ctx context.Context, id int64) {
+	if !r.usable() || r.overflowed.Load() {
+		return
+	}
+	c := r.client()
+	ctx, cancel := context.WithTimeout(ctx, r.timeout)
+	err := r.intent.Exec(ctx, c, []string{r.key(id)}, []string{
+		strconv.FormatInt(r.s.cfg.TombstoneTTL.Milliseconds(), 10),
+		r.channel, "w:" + strconv.FormatInt(id, 10),
+	}).Error()
+	cancel()
+	if err != nil {
+		r.failed(err)
+		return
+	}
+	r.succeeded()
+	r.s.m.intentsSent.Inc()
 }
 
 // remember keeps an invalidation for later; past PendingMax the set is
@@ -707,6 +768,13 @@ func (r *redisTier) onMessage(m rueidis.PubSubMessage) {
 			return
 		}
 		r.s.onNotice(id, ver)
+	case strings.HasPrefix(msg, "w:"):
+		id, err := strconv.ParseInt(msg[2:], 10, 64)
+		if err != nil {
+			r.s.log.Warn("malformed cache notice", "msg", msg)
+			return
+		}
+		r.s.onIntent(id)
 	case msg == "h:"+r.nonce:
 		r.lastBeat.Store(time.Now().UnixNano())
 		select {
