@@ -97,8 +97,8 @@ return 1
 `
 
 // Notices on the channel: "i:<id>:<version>" an invalidation, "w:<id>" a
-// write's intent, "h:<nonce>" a heartbeat (each instance listens for its own), "g:<gen>" a new key
-// generation.
+// write's intent, "h:<nonce>" a heartbeat (each instance listens for its
+// own), "g:<gen>" a new key generation.
 
 // redisTier is the shared tier. It is usable only while Redis answers and
 // every invalidation this instance could not deliver has been applied:
