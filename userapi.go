@@ -127,3 +127,36 @@ func SeedUser(i int) (email, name string) {
 	s := strconv.Itoa(i)
 	return "user" + s + "@example.com", "User " + s
 }
+
+// Change is one committed change of a users row, as the database's own change
+// stream reports it, whoever made the change (the service, psql, a migration,
+// another service).
+type Change struct {
+	ID int64
+	// Version is the row's version after the change; 0 for a delete.
+	Version int64
+	Deleted bool
+	// Committed is when the database committed the change, as the database
+	// reports it (zero when the stream does not say); the cache measures its
+	// invalidation lag from it.
+	Committed time.Time
+}
+
+// ChangeFeed is implemented by stores that can report every committed change
+// of the users table: PostgreSQL by logical replication, MySQL and SQLite by a
+// trigger-written change table.
+type ChangeFeed interface {
+	// FollowChanges delivers committed changes, in commit order, to apply
+	// until ctx ends (it then returns ctx's error) or the feed fails. At
+	// most one follower in a deployment reads at a time: FollowChanges waits
+	// while another holds the lead and takes over when it goes away.
+	//
+	// A change's position is acknowledged only after apply returned nil for
+	// it, so a follower that dies or whose apply fails leaves the change to
+	// be delivered again: changes may arrive more than once, never not at
+	// all. When changes may have been lost (the stream's position was
+	// dropped or recreated, or pruned past the follower), missed is called
+	// before any later change, and the caller must forget everything it
+	// derived from earlier reads.
+	FollowChanges(ctx context.Context, apply func(context.Context, []Change) error, missed func(context.Context) error) error
+}
