@@ -323,6 +323,7 @@ type redisServer struct {
 	tb   testing.TB
 	port int
 	cmd  *exec.Cmd
+	dir  string // where SAVE writes; "" for a fresh TempDir each start
 }
 
 func startRedis(tb testing.TB) *redisServer {
@@ -347,8 +348,12 @@ func (r *redisServer) url() string { return "redis://127.0.0.1:" + strconv.Itoa(
 
 func (r *redisServer) start() {
 	r.tb.Helper()
+	dir := r.dir
+	if dir == "" {
+		dir = r.tb.TempDir()
+	}
 	r.cmd = exec.Command("redis-server", "--port", strconv.Itoa(r.port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--dir", r.tb.TempDir(), "--loglevel", "warning")
+		"--save", "", "--appendonly", "no", "--dir", dir, "--loglevel", "warning")
 	if err := r.cmd.Start(); err != nil {
 		r.tb.Fatalf("start redis-server: %v", err)
 	}
@@ -381,3 +386,27 @@ func (r *redisServer) stop() {
 // is there but does not answer, as in a stall or a network partition.
 func (r *redisServer) pause()  { r.cmd.Process.Signal(syscall.SIGSTOP) }
 func (r *redisServer) resume() { r.cmd.Process.Signal(syscall.SIGCONT) }
+
+// startRedisSaving is startRedis with a data directory that survives
+// restarts, so a test can SAVE a snapshot and restart Redis from it.
+func startRedisSaving(tb testing.TB) *redisServer {
+	tb.Helper()
+	r := startRedis(tb)
+	r.stop()
+	r.dir = tb.TempDir()
+	r.start()
+	return r
+}
+
+// do runs one command on a client of its own (the test's, not the cache's).
+func (r *redisServer) do(args ...string) error {
+	r.tb.Helper()
+	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{"127.0.0.1:" + strconv.Itoa(r.port)}, DisableCache: true})
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return c.Do(ctx, c.B().Arbitrary(args...).Build()).Error()
+}

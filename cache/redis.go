@@ -286,12 +286,17 @@ func (r *redisTier) poke() {
 	}
 }
 
-// get reads id's entry; nil when Redis has none.
+// get reads id's entry and its remaining lifetime (entry.ttl), in one round
+// trip; nil when Redis has none. A local copy made from it lives no longer
+// than the Redis entry, so the TTL bounds a missed invalidation on every
+// instance, not only on the one that filled Redis.
 func (r *redisTier) get(ctx context.Context, id int64) (*entry, error) {
 	c := r.client()
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
-	b, err := c.Do(ctx, c.B().Get().Key(r.key(id)).Build()).AsBytes()
+	k := r.key(id)
+	res := c.DoMulti(ctx, c.B().Get().Key(k).Build(), c.B().Pttl().Key(k).Build())
 	cancel()
+	b, err := res[0].AsBytes()
 	if err != nil {
 		if rueidis.IsRedisNil(err) {
 			r.succeeded()
@@ -300,10 +305,26 @@ func (r *redisTier) get(ctx context.Context, id int64) (*entry, error) {
 		r.failed(err)
 		return nil, fmt.Errorf("redis get %d: %w", id, err)
 	}
+	ms, err := res[1].AsInt64()
+	if err != nil {
+		r.failed(err)
+		return nil, fmt.Errorf("redis pttl %d: %w", id, err)
+	}
 	r.succeeded()
 	e, err := decodeEntry(b)
 	if err != nil {
 		return nil, fmt.Errorf("redis get %d: %w", id, err)
+	}
+	switch {
+	case ms > 0:
+		e.ttl = min(r.s.cfg.TTL, time.Duration(ms)*time.Millisecond)
+	case ms == -1:
+		// No expiry: not one of ours (every fill sets one); the TTL bounds it.
+		e.ttl = r.s.cfg.TTL
+	default:
+		// Expired since the GET. Never zero: the local tier keeps an entry
+		// with a zero lifetime forever.
+		e.ttl = time.Millisecond
 	}
 	return e, nil
 }
