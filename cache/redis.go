@@ -30,10 +30,16 @@ import (
 // rule as admit. Versions are compared as Lua numbers (doubles): exact up to
 // 2^53, and poisonVersion is a power of two.
 
-// fillScript installs a fill unless the key holds something that rejects it.
-// KEYS[1] key; ARGV[1] the value; ARGV[2] its version; ARGV[3] TTL in ms.
-// Returns 1 installed, 0 stale, 2 unchanged.
+// fillScript installs a fill unless the key holds something that rejects it,
+// or Redis is not the one the filler last probed: a Redis restarted empty
+// has lost the tombstones that would reject a fill whose read began before
+// the restart, and no instance has moved to a new generation yet.
+// KEYS[1] key; KEYS[2] the run id marker (see probeScript); ARGV[1] the
+// value; ARGV[2] its version; ARGV[3] TTL in ms; ARGV[4] the run id the
+// filler last probed.
+// Returns 1 installed, 0 stale, 2 unchanged, 3 another Redis.
 const fillScript = `
+if redis.call('GET', KEYS[2]) ~= ARGV[4] then return 3 end
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local k = string.sub(cur, 1, 1)
@@ -96,6 +102,44 @@ if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
 return 1
 `
 
+// probeScript is the liveness check of every tick, and it proves what the
+// tier needs, not just that Redis answers: that Redis takes writes (a PING
+// or a PUBLISH still succeeds on a Redis out of memory, read-only or
+// refusing writes for MISCONF or NOREPLICAS, while every tombstone fails),
+// and that it is the same Redis, with the same data, as at the last tick. A
+// restart (empty, or from an older snapshot) or a failover shows as a new
+// run id; the script then moves every instance to a new key generation, so
+// no entry from before, and no fill that raced with the change, is read.
+// A new generation is the caller's clock in microseconds, above the old
+// one: never reused, even by a Redis restored to an older generation.
+// KEYS[1] the marker (run id of the Redis the generation belongs to),
+// KEYS[2] the generation, KEYS[3] the probe key; ARGV[1] a fresh
+// generation; ARGV[2] the probe key's TTL in ms.
+// Returns {generation, run id, 1 if it moved the generation}.
+const probeScript = `
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+local g = tonumber(redis.call('GET', KEYS[2]) or '0')
+local moved = 0
+if redis.call('GET', KEYS[1]) ~= run then
+  g = math.max(tonumber(ARGV[1]), g + 1)
+  redis.call('SET', KEYS[2], string.format('%d', g))
+  redis.call('SET', KEYS[1], run)
+  moved = 1
+end
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
+return {string.format('%d', g), run, moved}
+`
+
+// newGenScript moves to a new key generation (see probeScript) and tells
+// the instances. KEYS[1] the generation; ARGV[1] a fresh generation;
+// ARGV[2] the channel (empty for none).
+const newGenScript = `
+local g = math.max(tonumber(ARGV[1]), tonumber(redis.call('GET', KEYS[1]) or '0') + 1)
+redis.call('SET', KEYS[1], string.format('%d', g))
+if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], 'g:' .. string.format('%d', g)) end
+return string.format('%d', g)
+`
+
 // Notices on the channel: "i:<id>:<version>" an invalidation, "w:<id>" a
 // write's intent, "h:<nonce>" a heartbeat (each instance listens for its
 // own), "g:<gen>" a new key generation.
@@ -111,12 +155,19 @@ type redisTier struct {
 
 	channel string // notices; "" in redis mode (no local tiers to notify)
 	genKey  string
+	runKey  string // the run id of the Redis the generation belongs to
+	probeK  string
 	gen     atomic.Int64
 	keys    atomic.Pointer[string] // key prefix of the current generation
 	nonce   string                 // tells our heartbeats from others'
 
-	fill1, inval, intent *rueidis.Lua
-	fillSHA              string
+	fill1, inval, intent, probe, newGen *rueidis.Lua
+	fillSHA                             string
+	runID                               atomic.Pointer[string] // Redis's run id at the last probe
+	policyErr                           error                  // probeNow's own: runID's eviction policy is unsafe
+	probeMu                             sync.Mutex             // one probe at a time
+	subscribed                          atomic.Bool            // the notice channel is subscribed and heard
+	gateMu                              sync.Mutex             // orders refreshGate's transitions
 
 	cb circuitbreaker.CircuitBreaker[any]
 	// health goes up by one at every change of usability and is odd while
@@ -151,10 +202,14 @@ func newRedisTier(s *Store, client rueidis.Client, opt *rueidis.ClientOption) *r
 		opt:     opt,
 		timeout: s.cfg.RedisTimeout,
 		genKey:  p + "gen",
+		runKey:  p + "run",
+		probeK:  p + "probe",
 		nonce:   strconv.FormatUint(rand.Uint64(), 36),
 		fill1:   rueidis.NewLuaScript(fillScript),
 		inval:   rueidis.NewLuaScript(invalidateScript),
 		intent:  rueidis.NewLuaScript(intentScript),
+		probe:   rueidis.NewLuaScript(probeScript),
+		newGen:  rueidis.NewLuaScript(newGenScript),
 		pending: make(map[int64]int64),
 		wake:    make(chan struct{}, 1),
 		beat:    make(chan struct{}, 1),
@@ -275,6 +330,7 @@ func (r *redisTier) failed(err error) {
 	r.cb.RecordFailure()
 	if r.cb.IsOpen() && r.setUsable(false) {
 		r.s.log.Warn("redis unhealthy, failing open to the database", "err", err)
+		r.refreshGate()
 		r.poke()
 	}
 }
@@ -382,17 +438,24 @@ func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry, hea
 		m.fillRedisSkipped.Add(float64(len(ids)))
 		return
 	}
+	run := r.runID.Load()
+	if run == nil {
+		m.fillRedisSkipped.Add(float64(len(ids)))
+		return
+	}
+	c := r.client()
+	fillArgs := func(i int) []string {
+		e := entries[i]
+		return []string{encodeEntry(e), strconv.FormatInt(e.version, 10), strconv.FormatInt(e.ttl.Milliseconds(), 10), *run}
+	}
 	cmds := make(rueidis.Commands, 0, len(ids))
 	idx := make([]int, 0, len(ids))
-	c := r.client()
 	for i, id := range ids {
 		if !r.readable(id) {
 			m.fillRedisSkipped.Inc()
 			continue
 		}
-		e := entries[i]
-		cmds = append(cmds, c.B().Evalsha().Sha1(r.fillSHA).Numkeys(1).Key(r.key(id)).
-			Arg(encodeEntry(e), strconv.FormatInt(e.version, 10), strconv.FormatInt(e.ttl.Milliseconds(), 10)).Build())
+		cmds = append(cmds, c.B().Evalsha().Sha1(r.fillSHA).Numkeys(2).Key(r.key(id), r.runKey).Arg(fillArgs(i)...).Build())
 		idx = append(idx, i)
 	}
 	if len(cmds) == 0 {
@@ -408,9 +471,7 @@ func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry, hea
 			if re, ok := rueidis.IsRedisErr(err); ok && re.IsNoScript() {
 				// Redis restarted and lost the script: Exec loads it.
 				i := idx[j]
-				e := entries[i]
-				n, err = r.fill1.Exec(ctx, c, []string{r.key(ids[i])},
-					[]string{encodeEntry(e), strconv.FormatInt(e.version, 10), strconv.FormatInt(e.ttl.Milliseconds(), 10)}).AsInt64()
+				n, err = r.fill1.Exec(ctx, c, []string{r.key(ids[i]), r.runKey}, fillArgs(i)).AsInt64()
 			}
 		}
 		if err != nil {
@@ -423,6 +484,8 @@ func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry, hea
 			m.fillRedisInstalled.Inc()
 		case 0:
 			m.fillRedisStale.Inc()
+		case 3:
+			m.fillRedisSkipped.Inc()
 		default:
 			m.fillRedisUnchanged.Inc()
 		}
@@ -532,9 +595,12 @@ func (r *redisTier) maintain() {
 	}
 }
 
-// recover connects if needed, and while the tier is unusable or has
-// invalidations pending: probes Redis, applies them, and only then makes
-// the tier usable again.
+// recover runs at every tick: it connects if needed and probes Redis
+// (probeScript). A failed probe makes the tier unusable at once, without
+// waiting for the breaker to count failures: a Redis that refuses writes
+// answers reads happily and would never open it. While the tier is
+// unusable or has invalidations pending, recover applies them and only then
+// makes the tier usable again.
 func (r *redisTier) recover() {
 	if r.box.Load() == nil {
 		c, err := rueidis.NewClient(*r.opt)
@@ -547,29 +613,19 @@ func (r *redisTier) recover() {
 		}
 		r.box.Store(&clientBox{c: c, own: true})
 	}
-	if r.usable() && r.npending.Load() == 0 && !r.overflowed.Load() {
-		// The key generation is Redis's to say. Re-reading it every tick
-		// (one GET) lets an instance that missed a change (a lost notice,
-		// or a Redis restart that reset it) rejoin the others within a
-		// tick instead of reading keys no writer invalidates.
-		ctx, cancel := context.WithTimeout(r.s.ctx, 4*r.timeout)
-		if err := r.loadGen(ctx); err != nil {
-			r.s.log.Debug("redis: generation not read", "err", err)
-		}
-		cancel()
-		return
-	}
-	c := r.client()
-	if !r.usable() {
-		ctx, cancel := context.WithTimeout(r.s.ctx, 4*r.timeout)
-		err := c.Do(ctx, c.B().Ping().Build()).Error()
-		if err == nil {
-			err = r.loadGen(ctx)
-		}
-		cancel()
-		if err != nil {
+	if err := r.probeNow(); err != nil {
+		if r.s.ctx.Err() != nil {
 			return
 		}
+		r.cb.Open()
+		if r.setUsable(false) {
+			r.s.log.Warn("redis unusable, failing open to the database", "err", err)
+		}
+		r.refreshGate()
+		return
+	}
+	if r.usable() && r.npending.Load() == 0 && !r.overflowed.Load() {
+		return
 	}
 	if err := r.applyPending(r.s.ctx); err != nil {
 		r.s.log.Debug("redis: pending invalidations not applied yet", "err", err)
@@ -579,25 +635,110 @@ func (r *redisTier) recover() {
 		r.cb.Close()
 		r.s.log.Info("redis healthy, cache tier in use")
 	}
+	r.refreshGate()
 }
 
-// loadGen reads the current key generation.
-func (r *redisTier) loadGen(ctx context.Context) error {
+// probeNow runs probeScript, adopts the generation it returns and, for a
+// Redis not seen before (a new run id), checks its eviction policy.
+func (r *redisTier) probeNow() error {
+	r.probeMu.Lock()
+	defer r.probeMu.Unlock()
 	c := r.client()
-	g, err := c.Do(ctx, c.B().Get().Key(r.genKey).Build()).AsInt64()
-	if rueidis.IsRedisNil(err) {
-		g, err = 0, nil
-	}
+	ctx, cancel := context.WithTimeout(r.s.ctx, 4*r.timeout)
+	defer cancel()
+	vals, err := r.probe.Exec(ctx, c, []string{r.runKey, r.genKey, r.probeK},
+		[]string{freshGen(), strconv.FormatInt(probeTTL.Milliseconds(), 10)}).ToArray()
 	if err != nil {
-		return fmt.Errorf("redis generation: %w", err)
+		return fmt.Errorf("redis probe: %w", err)
 	}
-	if old := r.gen.Load(); g != old {
-		r.setGen(g)
-		// Entries were filled under the other generation, whose
-		// invalidations this instance may not have seen.
-		r.s.flushLocal()
+	if len(vals) != 3 {
+		return fmt.Errorf("redis probe: %d values", len(vals))
+	}
+	gs, err1 := vals[0].ToString()
+	run, err2 := vals[1].ToString()
+	moved, err3 := vals[2].AsInt64()
+	g, err4 := strconv.ParseInt(gs, 10, 64)
+	if err := errors.Join(err1, err2, err3, err4); err != nil {
+		return fmt.Errorf("redis probe: %w", err)
+	}
+	if prev := r.runID.Load(); prev == nil || *prev != run {
+		if prev != nil {
+			r.s.log.Warn("redis restarted, failed over or was restored; its entries are not trusted", "moved_generation", moved == 1)
+		}
+		r.runID.Store(&run)
+		r.policyErr = r.checkPolicy(ctx)
+		if r.policyErr != nil {
+			r.s.log.Error("redis tier not used", "err", r.policyErr)
+		}
+	}
+	if r.policyErr != nil {
+		return r.policyErr
+	}
+	r.adoptGen(g)
+	return nil
+}
+
+// probeTTL keeps the probe key from lingering after the last instance stops.
+const probeTTL = 10 * time.Second
+
+// freshGen is a key generation no Redis has held: the clock in
+// microseconds (exact as a Lua number until the year 2255).
+func freshGen() string { return strconv.FormatInt(time.Now().UnixMicro(), 10) }
+
+// checkPolicy refuses a Redis that may evict keys: an evicted tombstone or
+// intent lets a stale fill in. noeviction (writes fail when memory is full,
+// and the tier then fails open) or no memory limit at all is safe. A Redis
+// that hides CONFIG (a managed service) is used, with a warning.
+func (r *redisTier) checkPolicy(ctx context.Context) error {
+	c := r.client()
+	m, err := c.Do(ctx, c.B().ConfigGet().Parameter("maxmemory", "maxmemory-policy").Build()).AsStrMap()
+	if err != nil {
+		r.s.log.Warn("redis: cannot read the eviction policy; it must be noeviction (see docs/cache.md)", "err", err)
+		return nil
+	}
+	if pol := m["maxmemory-policy"]; m["maxmemory"] != "0" && pol != "noeviction" {
+		return fmt.Errorf("redis maxmemory-policy is %s with maxmemory %s: it may evict the tombstones that keep stale rows out; set maxmemory-policy noeviction", pol, m["maxmemory"])
 	}
 	return nil
+}
+
+// adoptGen moves to generation g if it is not the current one. Entries
+// were filled under the other generation, whose invalidations this
+// instance may not have seen, and fills under way read before the move.
+func (r *redisTier) adoptGen(g int64) {
+	if g == r.gen.Load() {
+		return
+	}
+	r.setGen(g)
+	r.bumpHealth()
+	r.s.flushLocal()
+}
+
+// bumpHealth starts a new health epoch without a change of usability, so
+// that every fill whose read began before is dropped.
+func (r *redisTier) bumpHealth() {
+	for {
+		h := r.health.Load()
+		if h&1 == 0 || r.health.CompareAndSwap(h, h+2) {
+			return
+		}
+	}
+}
+
+// refreshGate serves the local tier only while the notice channel is
+// subscribed and Redis is usable: without both, invalidations may be
+// missed.
+func (r *redisTier) refreshGate() {
+	if r.channel == "" {
+		return
+	}
+	r.gateMu.Lock()
+	defer r.gateMu.Unlock()
+	if r.subscribed.Load() && r.usable() {
+		r.s.channelUp()
+	} else {
+		r.s.channelDown()
+	}
 }
 
 // applyPending applies the remembered invalidations, or, if there were too
@@ -608,17 +749,15 @@ func (r *redisTier) applyPending(ctx context.Context) error {
 	if r.overflowed.Load() {
 		ctx, cancel := context.WithTimeout(ctx, 4*r.timeout)
 		defer cancel()
-		g, err := c.Do(ctx, c.B().Incr().Key(r.genKey).Build()).AsInt64()
+		gs, err := r.newGen.Exec(ctx, c, []string{r.genKey}, []string{freshGen(), r.channel}).ToString()
 		if err != nil {
 			return fmt.Errorf("redis new generation: %w", err)
 		}
-		r.setGen(g)
-		r.s.flushLocal()
-		if r.channel != "" {
-			// Best effort: an instance that misses it reads the
-			// generation when its channel reconnects.
-			c.Do(ctx, c.B().Publish().Channel(r.channel).Message("g:"+strconv.FormatInt(g, 10)).Build())
+		g, err := strconv.ParseInt(gs, 10, 64)
+		if err != nil {
+			return fmt.Errorf("redis new generation: %w", err)
 		}
+		r.adoptGen(g)
 		r.s.log.Warn("redis: too many invalidations missed, moved to a new key generation", "gen", g)
 		r.pmu.Lock()
 		clear(r.pending)
@@ -685,8 +824,9 @@ func (r *redisTier) subscribeLoop() {
 			continue
 		}
 		up, err := r.subscribeOnce(c)
+		r.subscribed.Store(false)
 		wasUp := r.s.state.Load()&1 == 1
-		r.s.channelDown()
+		r.refreshGate()
 		if r.s.ctx.Err() != nil {
 			return
 		}
@@ -740,13 +880,13 @@ func (r *redisTier) subscribeOnce(c rueidis.Client) (up bool, err error) {
 	case <-r.s.ctx.Done():
 		return false, nil
 	}
-	ctx, cancel = context.WithTimeout(r.s.ctx, r.s.cfg.channelTimeout)
-	err = r.loadGen(ctx)
-	cancel()
-	if err != nil {
+	// The Redis behind the new connection may not be the one of the last
+	// probe (a restart or a failover): probe it before trusting it.
+	if err := r.probeNow(); err != nil {
 		return false, err
 	}
-	r.s.channelUp()
+	r.subscribed.Store(true)
+	r.refreshGate()
 	t := time.NewTicker(r.s.cfg.heartbeat)
 	defer t.Stop()
 	for {
@@ -804,10 +944,9 @@ func (r *redisTier) onMessage(m rueidis.PubSubMessage) {
 		}
 	case strings.HasPrefix(msg, "g:"):
 		if g, err := strconv.ParseInt(msg[2:], 10, 64); err == nil && g > r.gen.Load() {
-			r.setGen(g)
 			// Some instance lost track of its invalidations; which ids
 			// they were is unknown, so the local tier starts afresh too.
-			r.s.flushLocal()
+			r.adoptGen(g)
 		}
 	}
 }

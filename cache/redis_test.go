@@ -243,9 +243,11 @@ func TestPendingOverflow(t *testing.T) {
 			t.Errorf("A read its write as version %d", v)
 		}
 	}
+	before := a.redis.gen.Load()
 	srv.resume()
-	eventually(t, 5*time.Second, "both on generation 1", func() bool {
-		return a.redis.gen.Load() == 1 && b.redis.gen.Load() == 1 && healthy(a) && healthy(b)
+	eventually(t, 5*time.Second, "both on a new generation", func() bool {
+		g := a.redis.gen.Load()
+		return g > before && b.redis.gen.Load() == g && healthy(a) && healthy(b)
 	})
 	for _, c := range []*Store{a, b} {
 		for _, u := range users {
