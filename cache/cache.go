@@ -152,6 +152,11 @@ type Config struct {
 	// PendingMax bounds the remembered invalidations (see DefaultPendingMax).
 	PendingMax int
 
+	// Changes, when set, is the database's change stream: every committed
+	// change, whoever made it, invalidates every tier as a write through
+	// the cache does (see followChanges).
+	Changes userapi.ChangeFeed
+
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer // nil: metrics are kept but not registered
 
@@ -325,6 +330,9 @@ func New(ctx context.Context, store userapi.Store, cfg Config) (*Store, error) {
 	s.m.register(s, cfg.Registerer)
 	if s.redis != nil {
 		s.redis.start()
+	}
+	if cfg.Changes != nil && (s.local != nil || s.redis != nil) {
+		s.wg.Go(func() { s.followChanges(cfg.Changes) })
 	}
 	return s, nil
 }
@@ -771,4 +779,78 @@ func (s *Store) flushLocal() {
 		}
 	}
 	s.local.flush()
+}
+
+// followChanges keeps following the database's change stream until Close.
+// The stream's own leader election lets one instance in a deployment apply
+// it; the others wait in FollowChanges to take over.
+func (s *Store) followChanges(feed userapi.ChangeFeed) {
+	const maxBackoff = time.Second // bounds the catch-up after an outage
+	backoff := 50 * time.Millisecond
+	var lastErr string
+	for s.ctx.Err() == nil {
+		err := feed.FollowChanges(s.ctx, s.applyChanges, s.missedChanges)
+		if s.ctx.Err() != nil {
+			return
+		}
+		if msg := fmt.Sprint(err); msg != lastErr {
+			s.log.Warn("change stream interrupted, retrying", "err", err)
+			lastErr = msg
+		}
+		s.sleep(backoff)
+		backoff = min(2*backoff, maxBackoff)
+	}
+}
+
+func (s *Store) sleep(d time.Duration) {
+	select {
+	case <-s.ctx.Done():
+	case <-time.After(d):
+	}
+}
+
+// applyChanges invalidates every tier for committed changes, as the writes
+// that made them would have: a tombstone at the new version (poison for a
+// delete) locally, in Redis and, by the notice, on every instance. It
+// returns nil only once Redis has taken every tombstone, so the stream
+// acknowledges nothing that some instance may not have heard of.
+func (s *Store) applyChanges(ctx context.Context, changes []userapi.Change) error {
+	ids := make([]int64, len(changes))
+	versions := make([]int64, len(changes))
+	for i, c := range changes {
+		ids[i], versions[i] = c.ID, c.Version
+		if c.Deleted {
+			versions[i] = poisonVersion
+		}
+		if s.loader != nil {
+			s.loader.forget(c.ID)
+		}
+		if s.local != nil {
+			s.local.tombstone(c.ID, versions[i], s.cfg.TombstoneTTL)
+		}
+	}
+	if s.redis != nil {
+		if err := s.redis.invalidateMany(ctx, ids, versions); err != nil {
+			return err
+		}
+	}
+	now := time.Now()
+	for _, c := range changes {
+		if !c.Committed.IsZero() {
+			s.m.changeLag.Observe(now.Sub(c.Committed).Seconds())
+		}
+	}
+	s.m.changesApplied.Add(float64(len(changes)))
+	return nil
+}
+
+// missedChanges starts every tier afresh: changes may have been committed
+// that no one invalidated.
+func (s *Store) missedChanges(ctx context.Context) error {
+	s.m.changesMissed.Inc()
+	if s.redis != nil {
+		return s.redis.moveGeneration(ctx)
+	}
+	s.flushLocal()
+	return nil
 }

@@ -26,6 +26,9 @@ type metrics struct {
 
 	invSent, invReceived, invFailed prometheus.Counter
 	intentsSent, intentsReceived    prometheus.Counter
+
+	changesApplied, changesMissed prometheus.Counter
+	changeLag                     prometheus.Histogram
 }
 
 func newMetrics() *metrics {
@@ -75,6 +78,19 @@ func newMetrics() *metrics {
 			Name: "userapi_cache_invalidations_failed_total",
 			Help: "Write invalidations that Redis did not take at once; they are remembered and applied before Redis is read again.",
 		}),
+		changesApplied: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "userapi_change_stream_applied_total",
+			Help: "Committed changes from the database's change stream applied to every tier (by the instance leading the stream).",
+		}),
+		changesMissed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "userapi_change_stream_missed_total",
+			Help: "Times the change stream may have lost changes (a new slot, a truncate, a pruned change table) and every tier started afresh.",
+		}),
+		changeLag: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "userapi_change_stream_lag_seconds",
+			Help:    "From a change's commit (the database's clock) to its invalidation applied in every tier.",
+			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
+		}),
 		intentsSent: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "userapi_cache_intents_sent_total",
 			Help: "Write intents applied to Redis (intent and notice) before an update or delete went to the database.",
@@ -112,7 +128,8 @@ func (m *metrics) register(s *Store, reg prometheus.Registerer) {
 		return
 	}
 	reg.MustRegister(m.lookups, m.fills, m.coalesced, m.batchSize, m.loads, m.loadErrors,
-		m.invSent, m.invReceived, m.invFailed, m.intentsSent, m.intentsReceived)
+		m.invSent, m.invReceived, m.invFailed, m.intentsSent, m.intentsReceived,
+		m.changesApplied, m.changesMissed, m.changeLag)
 	if s.redis != nil {
 		reg.MustRegister(m.breakerState, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "userapi_cache_invalidations_pending",

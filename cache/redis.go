@@ -747,18 +747,10 @@ func (r *redisTier) refreshGate() {
 func (r *redisTier) applyPending(ctx context.Context) error {
 	c := r.client()
 	if r.overflowed.Load() {
-		ctx, cancel := context.WithTimeout(ctx, 4*r.timeout)
-		defer cancel()
-		gs, err := r.newGen.Exec(ctx, c, []string{r.genKey}, []string{freshGen(), r.channel}).ToString()
-		if err != nil {
-			return fmt.Errorf("redis new generation: %w", err)
+		if err := r.moveGeneration(ctx); err != nil {
+			return err
 		}
-		g, err := strconv.ParseInt(gs, 10, 64)
-		if err != nil {
-			return fmt.Errorf("redis new generation: %w", err)
-		}
-		r.adoptGen(g)
-		r.s.log.Warn("redis: too many invalidations missed, moved to a new key generation", "gen", g)
+		r.s.log.Warn("redis: too many invalidations missed, moved to a new key generation", "gen", r.gen.Load())
 		r.pmu.Lock()
 		clear(r.pending)
 		r.npending.Store(0)
@@ -810,6 +802,56 @@ func (r *redisTier) applyPending(ctx context.Context) error {
 			return fmt.Errorf("redis apply invalidations: %w", firstErr)
 		}
 	}
+	return nil
+}
+
+// moveGeneration moves every instance to a new, empty key generation: for
+// when invalidations were lost and which ids they were is unknown.
+func (r *redisTier) moveGeneration(ctx context.Context) error {
+	c := r.client()
+	if c == nil {
+		return errors.New("redis new generation: not connected")
+	}
+	ctx, cancel := context.WithTimeout(ctx, 4*r.timeout)
+	defer cancel()
+	// The notice is best effort: an instance that misses it reads the
+	// generation at its next probe.
+	gs, err := r.newGen.Exec(ctx, c, []string{r.genKey}, []string{freshGen(), r.channel}).ToString()
+	if err != nil {
+		return fmt.Errorf("redis new generation: %w", err)
+	}
+	g, err := strconv.ParseInt(gs, 10, 64)
+	if err != nil {
+		return fmt.Errorf("redis new generation: %w", err)
+	}
+	r.adoptGen(g)
+	return nil
+}
+
+// invalidateMany applies the database's committed changes (see
+// Store.applyChanges) in one pipelined round trip, and fails unless Redis
+// took them all. Nothing is remembered on failure: the change stream
+// delivers them again.
+func (r *redisTier) invalidateMany(ctx context.Context, ids, versions []int64) error {
+	if !r.usable() {
+		return errors.New("redis tier unusable")
+	}
+	c := r.client()
+	execs := make([]rueidis.LuaExec, len(ids))
+	for i, id := range ids {
+		execs[i] = rueidis.LuaExec{Keys: []string{r.key(id)}, Args: r.invalidateArgs(id, versions[i])}
+	}
+	ctx, cancel := context.WithTimeout(ctx, 4*r.timeout)
+	defer cancel()
+	for _, res := range r.inval.ExecMulti(ctx, c, execs...) {
+		if err := res.Error(); err != nil {
+			r.s.m.invFailed.Inc()
+			r.failed(err)
+			return fmt.Errorf("redis invalidate: %w", err)
+		}
+	}
+	r.succeeded()
+	r.s.m.invSent.Add(float64(len(ids)))
 	return nil
 }
 

@@ -34,6 +34,8 @@ var (
 		"Time spent in acquires that had to wait for a connection.", nil, nil)
 	descAcquireSeconds = prometheus.NewDesc("userapi_db_pool_acquire_duration_seconds_total",
 		"Time spent in all successful acquires.", nil, nil)
+	descChangeLag = prometheus.NewDesc("userapi_change_stream_lag_bytes",
+		"Bytes of WAL between the server's position and the last transaction the change stream applied (0 while this instance does not lead it).", nil, nil)
 	descCanceled = prometheus.NewDesc("userapi_db_pool_canceled_acquires_total",
 		"Acquires that ended because their context was canceled or timed out.", nil, nil)
 )
@@ -46,7 +48,7 @@ type poolCollector struct {
 
 func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descAcquired, descIdle, descTotal, descMax,
-		descAcquires, descWaits, descWaitSeconds, descAcquireSeconds, descCanceled} {
+		descAcquires, descWaits, descWaitSeconds, descAcquireSeconds, descCanceled, descChangeLag} {
 		ch <- d
 	}
 }
@@ -68,4 +70,5 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(descWaitSeconds, st.EmptyAcquireWaitTime().Seconds())
 	counter(descAcquireSeconds, st.AcquireDuration().Seconds())
 	counter(descCanceled, float64(st.CanceledAcquireCount()))
+	gauge(descChangeLag, float64(c.s.changeLag.Load()))
 }

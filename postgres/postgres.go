@@ -18,6 +18,7 @@ import (
 	"net"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -79,6 +80,10 @@ type Options struct {
 	// Migrate applies pending migrations in Open instead of refusing a stale
 	// schema.
 	Migrate bool
+	// ChangeSlot names the replication slot and the publication of the
+	// change stream (FollowChanges); empty means "userapi_" and the
+	// database's name. Instances that share a database share it.
+	ChangeSlot string
 }
 
 // Store is the PostgreSQL users store. It is safe for concurrent use.
@@ -88,6 +93,9 @@ type Store struct {
 	acquireTimeout time.Duration
 	queryTimeout   time.Duration
 	schemaVersion  int64 // the newest embedded migration
+
+	changeSlot string       // Options.ChangeSlot
+	changeLag  atomic.Int64 // bytes of WAL the change stream is behind the server
 }
 
 // Open connects to the database at url (postgres://user@host:5432/db?...).
@@ -120,7 +128,7 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 		cc.RuntimeParams["application_name"] = "userapi"
 	}
 
-	s := &Store{acquireTimeout: opts.AcquireTimeout, queryTimeout: opts.QueryTimeout}
+	s := &Store{acquireTimeout: opts.AcquireTimeout, queryTimeout: opts.QueryTimeout, changeSlot: opts.ChangeSlot}
 	var db *sql.DB
 	if opts.NoPool {
 		// A connection used for one call never reuses a prepared

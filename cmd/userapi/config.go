@@ -36,6 +36,8 @@ type config struct {
 	NegativeTTL  time.Duration
 	MaxBatch     int
 	Loaders      int
+	ChangeStream string
+	ChangeSlot   string
 
 	DebugAddr      string
 	PublicMetrics  bool
@@ -82,6 +84,8 @@ func (c *config) serveFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.NegativeTTL, "negative-ttl", cache.DefaultNegativeTTL, "time to live of cached absent ids")
 	fs.IntVar(&c.MaxBatch, "max-batch", cache.DefaultMaxBatch, "most ids loaded by one multi-key query")
 	fs.IntVar(&c.Loaders, "loaders", 0, "multi-key loads run at once (0: GOMAXPROCS/2, at least 2, at most the pool size)")
+	fs.StringVar(&c.ChangeStream, "change-stream", "auto", "invalidate from the database's change stream, for writes made outside the service: auto (when the database can), on (refuse to start without), off")
+	fs.StringVar(&c.ChangeSlot, "change-slot", "", "PostgreSQL replication slot and publication of the change stream (empty: userapi_<database>)")
 	fs.StringVar(&c.DebugAddr, "debug-addr", "", "listen address of the debug server with pprof and metrics (empty: off)")
 	fs.BoolVar(&c.PublicMetrics, "public-metrics", false, "also serve /metrics on the public listener")
 	fs.StringVar(&c.TrustedProxies, "trusted-proxies", "", "comma-separated addresses or CIDRs whose X-Forwarded-For is trusted")

@@ -144,6 +144,10 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 	if m, ok := store.(interface{ RegisterMetrics(prometheus.Registerer) }); ok {
 		m.RegisterMetrics(reg)
 	}
+	feed, err := changeFeed(ctx, &c, store, string(mode), log)
+	if err != nil {
+		return errors.Join(err, shutdown())
+	}
 	cached, err := cache.New(ctx, store, cache.Config{
 		Mode:         mode,
 		Coalesce:     c.Coalesce,
@@ -155,6 +159,7 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 		KeyPrefix:    c.RedisPrefix,
 		MaxBatch:     c.MaxBatch,
 		Loaders:      c.Loaders,
+		Changes:      feed,
 		Logger:       log,
 		Registerer:   reg,
 	})

@@ -47,6 +47,7 @@ func openStore(ctx context.Context, c *config, migrate bool) (userapi.Store, err
 			QueryTimeout: c.DBTimeout,
 			NoPool:       !c.DBPool,
 			Migrate:      migrate,
+			ChangeSlot:   c.ChangeSlot,
 		})
 	case "mysql":
 		return mysql.Open(ctx, c.DB, mysql.Options{
@@ -137,4 +138,40 @@ func seed(ctx context.Context, args []string, getenv func(string) string, stderr
 	}
 	fmt.Fprintf(stderr, "seeded %d users in %s\n", *users, time.Since(start).Round(time.Millisecond))
 	return nil
+}
+
+// changeFeed returns the store's change stream as c.ChangeStream asks: nil
+// when it is off, or when it is auto and the database cannot stream (then
+// the reason and its fix are logged); an error when it is on and cannot.
+func changeFeed(ctx context.Context, c *config, s userapi.Store, mode string, log *slog.Logger) (userapi.ChangeFeed, error) {
+	switch c.ChangeStream {
+	case "off":
+		return nil, nil
+	case "auto", "on":
+	default:
+		return nil, fmt.Errorf("%w: --change-stream %q is not auto, on or off", errUsage, c.ChangeStream)
+	}
+	if mode == "off" {
+		return nil, nil // nothing cached, nothing to invalidate
+	}
+	feed, ok := s.(userapi.ChangeFeed)
+	var err error
+	if !ok {
+		err = fmt.Errorf("the %s store has no change stream", kindOf(c))
+	} else if ch, ok := s.(interface{ CheckChangeFeed(context.Context) error }); ok {
+		err = ch.CheckChangeFeed(ctx)
+	}
+	switch {
+	case err == nil:
+		return feed, nil
+	case c.ChangeStream == "on":
+		return nil, fmt.Errorf("--change-stream on: %w", err)
+	}
+	log.Warn("change stream off: writes made outside the service reach the cache only when entries expire (--cache-ttl)", "reason", err)
+	return nil, nil
+}
+
+func kindOf(c *config) string {
+	k, _ := backend(c.DB)
+	return k
 }

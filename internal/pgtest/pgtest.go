@@ -28,18 +28,60 @@ func URL(tb testing.TB) string {
 	return base
 }
 
+// LogicalEnv names the variable with the URL of a server whose wal_level is
+// logical, for the change-stream tests (the machine's main server may run
+// with replica).
+const LogicalEnv = "USERAPI_TEST_POSTGRES_LOGICAL_URL"
+
+// LogicalURL returns $USERAPI_TEST_POSTGRES_LOGICAL_URL, skipping the test
+// when it is unset.
+func LogicalURL(tb testing.TB) string {
+	tb.Helper()
+	base := os.Getenv(LogicalEnv)
+	if base == "" {
+		tb.Skipf("%s is not set; set it to a server with wal_level=logical (e.g. postgres://postgres@127.0.0.1:5433/postgres?sslmode=disable) to run the change-stream tests", LogicalEnv)
+	}
+	return base
+}
+
 // Database creates an empty database, dropped at cleanup, and returns its
 // URL. It skips the test when the variable is unset and fails it when the
 // server is unreachable.
 func Database(tb testing.TB) string {
 	tb.Helper()
-	base := URL(tb)
+	return DatabaseOn(tb, URL(tb))
+}
+
+// DatabaseOn is Database on the server at base. Replication slots of the
+// database are dropped with it.
+func DatabaseOn(tb testing.TB, base string) string {
+	tb.Helper()
 	name := fmt.Sprintf("userapi_test_%016x", rand.Uint64())
 	admin(tb, base, "CREATE DATABASE "+name)
-	tb.Cleanup(func() { admin(tb, base, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)") })
+	tb.Cleanup(func() {
+		admin(tb, base, "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = '"+name+"' AND active_pid IS NOT NULL")
+		admin(tb, base, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '"+name+"'")
+		admin(tb, base, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)")
+	})
 	u := parse(tb, base)
 	u.Path = "/" + name
 	return u.String()
+}
+
+// Exec runs one statement on a connection of its own to url: a writer
+// outside the service, as psql would be.
+func Exec(tb testing.TB, url, stmt string, args ...any) {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := pgx.Connect(ctx, url)
+	if err != nil {
+		tb.Fatalf("connect %s: %v", url, err)
+	}
+	defer c.Close(ctx)
+	if _, err := c.Exec(ctx, stmt, args...); err != nil {
+		tb.Fatalf("%s: %v", stmt, err)
+	}
 }
 
 // Schema creates an empty schema in the variable's database, dropped at
