@@ -332,7 +332,7 @@ func checkTiers(t *testing.T, c *Store, db userapi.Store, id int64) {
 		}
 	}
 	if c.redis != nil && c.redis.client() != nil {
-		e, err := c.redis.get(testContext(t), id)
+		e, err := c.redis.getWithin(testContext(t), id, 5*time.Second)
 		if err != nil {
 			t.Fatalf("redis get: %v", err)
 		}

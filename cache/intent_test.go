@@ -43,7 +43,7 @@ func (c *crashingStore) DeleteUser(ctx context.Context, id int64, ifVersion int6
 // redisEntry is Redis's entry for id as c reads it, nil when there is none.
 func redisEntry(t *testing.T, c *Store, id int64) *entry {
 	t.Helper()
-	e, err := c.redis.get(testContext(t), id)
+	e, err := c.redis.getWithin(testContext(t), id, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -347,8 +347,14 @@ func (r *redisTier) poke() {
 // than the Redis entry, so the TTL bounds a missed invalidation on every
 // instance, not only on the one that filled Redis.
 func (r *redisTier) get(ctx context.Context, id int64) (*entry, error) {
+	return r.getWithin(ctx, id, r.timeout)
+}
+
+// getWithin is get with its own deadline (tests inspect Redis with one
+// that a loaded machine cannot miss).
+func (r *redisTier) getWithin(ctx context.Context, id int64, d time.Duration) (*entry, error) {
 	c := r.client()
-	ctx, cancel := context.WithTimeout(ctx, r.timeout)
+	ctx, cancel := context.WithTimeout(ctx, d)
 	k := r.key(id)
 	res := c.DoMulti(ctx, c.B().Get().Key(k).Build(), c.B().Pttl().Key(k).Build())
 	cancel()
