@@ -847,13 +847,18 @@ func (r *redisTier) invalidateMany(ctx context.Context, ids, versions []int64) e
 	for i, id := range ids {
 		execs[i] = rueidis.LuaExec{Keys: []string{r.key(id)}, Args: r.invalidateArgs(id, versions[i])}
 	}
-	ctx, cancel := context.WithTimeout(ctx, 4*r.timeout)
-	defer cancel()
-	for _, res := range r.inval.ExecMulti(ctx, c, execs...) {
-		if err := res.Error(); err != nil {
-			r.s.m.invFailed.Inc()
-			r.failed(err)
-			return fmt.Errorf("redis invalidate: %w", err)
+	// In chunks, each with its own deadline, as applyPending does.
+	const chunk = 512
+	for lo := 0; lo < len(execs); lo += chunk {
+		cctx, cancel := context.WithTimeout(ctx, 4*r.timeout)
+		res := r.inval.ExecMulti(cctx, c, execs[lo:min(lo+chunk, len(execs))]...)
+		cancel()
+		for _, rr := range res {
+			if err := rr.Error(); err != nil {
+				r.s.m.invFailed.Inc()
+				r.failed(err)
+				return fmt.Errorf("redis invalidate: %w", err)
+			}
 		}
 	}
 	r.succeeded()

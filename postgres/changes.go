@@ -180,17 +180,23 @@ func (s *Store) followOnce(ctx context.Context, slot string, apply func(context.
 	return s.stream(ctx, conn, apply, missed)
 }
 
-// stream reads the slot's messages, hands each transaction's changes to
-// apply at its commit, and acknowledges a transaction's end only after
-// apply returned nil for it.
+// stream reads the slot's messages and hands the changes of committed
+// transactions to apply, several transactions at a time: a batch is applied
+// when a receive would wait batchWindow for more, or when it holds
+// maxBatch changes. A transaction's end is acknowledged only after apply
+// returned nil for it.
 func (s *Store) stream(ctx context.Context, conn *pgconn.PgConn, apply func(context.Context, []userapi.Change) error, missed func(context.Context) error) error {
 	defer s.changeLag.Store(0)
 	var (
 		applied   pglogrepl.LSN // every transaction up to here is applied
 		inTx      bool
-		changes   []userapi.Change
-		relID     uint32 // the users relation's id in this stream
-		versionAt = -1   // the version column's position in its tuples
+		changes   []userapi.Change // of committed transactions not yet applied, and of the open one
+		committed int              // how many of changes belong to committed transactions
+		batchEnd  pglogrepl.LSN    // the end of the last committed transaction in changes
+		flushBy   time.Time        // when the batch is applied if nothing else arrives
+		massive   bool             // the open transaction changed more than massChange rows
+		relID     uint32           // the users relation's id in this stream
+		versionAt = -1             // the version column's position in its tuples
 		idAt      = -1
 		nextAck   = time.Now().Add(statusInterval)
 	)
@@ -204,13 +210,47 @@ func (s *Store) stream(ctx context.Context, conn *pgconn.PgConn, apply func(cont
 		}
 		return t.Columns[at].Int64()
 	}
+	flush := func() error {
+		if err := apply(ctx, changes[:committed]); err != nil {
+			return fmt.Errorf("change stream: apply: %w", err)
+		}
+		applied = batchEnd
+		changes = append(changes[:0], changes[committed:]...)
+		committed = 0
+		if soon := time.Now().Add(ackDelay); soon.Before(nextAck) {
+			nextAck = soon
+		}
+		return nil
+	}
+	// add keeps a change of the open transaction; past massChange rows the
+	// transaction is handled as a whole instead (see massChange).
+	add := func(c userapi.Change) {
+		if massive {
+			return
+		}
+		if len(changes)-committed >= massChange {
+			massive = true
+			changes = changes[:committed]
+			return
+		}
+		changes = append(changes, c)
+	}
 	for {
+		if committed > 0 && (committed >= maxBatch || !time.Now().Before(flushBy)) {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
 		if time.Now().After(nextAck) && applied > 0 {
 			if err := ack(); err != nil {
 				return fmt.Errorf("change stream: status: %w", err)
 			}
 		}
-		rctx, cancel := context.WithDeadline(ctx, nextAck)
+		wait := nextAck
+		if committed > 0 && flushBy.Before(wait) {
+			wait = flushBy
+		}
+		rctx, cancel := context.WithDeadline(ctx, wait)
 		msg, err := conn.ReceiveMessage(rctx)
 		cancel()
 		if err != nil {
@@ -218,7 +258,9 @@ func (s *Store) stream(ctx context.Context, conn *pgconn.PgConn, apply func(cont
 				return ctx.Err()
 			}
 			if pgconn.Timeout(err) {
-				nextAck = time.Now() // report the position, then wait again
+				if committed == 0 {
+					nextAck = time.Now() // report the position, then wait again
+				}
 				continue
 			}
 			return fmt.Errorf("change stream: receive: %w", err)
@@ -236,7 +278,7 @@ func (s *Store) stream(ctx context.Context, conn *pgconn.PgConn, apply func(cont
 			if err != nil {
 				return fmt.Errorf("change stream: %w", err)
 			}
-			if !inTx && ka.ServerWALEnd > applied {
+			if !inTx && committed == 0 && ka.ServerWALEnd > applied {
 				// Every transaction before the server's position has been
 				// sent and applied: nothing to replay below it.
 				applied = ka.ServerWALEnd
@@ -270,7 +312,7 @@ func (s *Store) stream(ctx context.Context, conn *pgconn.PgConn, apply func(cont
 					}
 				}
 			case *pglogrepl.BeginMessage:
-				inTx, changes = true, changes[:0]
+				inTx, massive = true, false
 			case *pglogrepl.InsertMessage:
 				if m.RelationID != relID {
 					continue
@@ -279,7 +321,7 @@ func (s *Store) stream(ctx context.Context, conn *pgconn.PgConn, apply func(cont
 				if err != nil {
 					return err
 				}
-				changes = append(changes, c)
+				add(c)
 			case *pglogrepl.UpdateMessage:
 				if m.RelationID != relID {
 					continue
@@ -288,7 +330,7 @@ func (s *Store) stream(ctx context.Context, conn *pgconn.PgConn, apply func(cont
 				if err != nil {
 					return err
 				}
-				changes = append(changes, c)
+				add(c)
 			case *pglogrepl.DeleteMessage:
 				if m.RelationID != relID {
 					continue
@@ -297,7 +339,7 @@ func (s *Store) stream(ctx context.Context, conn *pgconn.PgConn, apply func(cont
 				if err != nil {
 					return err
 				}
-				changes = append(changes, userapi.Change{ID: id, Deleted: true})
+				add(userapi.Change{ID: id, Deleted: true})
 			case *pglogrepl.TruncateMessage:
 				// The ids are not in the message: every cached row may be
 				// gone, which is what missed is for.
@@ -306,23 +348,52 @@ func (s *Store) stream(ctx context.Context, conn *pgconn.PgConn, apply func(cont
 				}
 			case *pglogrepl.CommitMessage:
 				inTx = false
-				if len(changes) > 0 {
-					for i := range changes {
-						changes[i].Committed = m.CommitTime
+				if massive {
+					if committed > 0 {
+						if err := flush(); err != nil {
+							return err
+						}
 					}
-					if err := apply(ctx, changes); err != nil {
-						return fmt.Errorf("change stream: apply: %w", err)
+					if err := missed(ctx); err != nil {
+						return fmt.Errorf("change stream: a transaction of more than %d rows: %w", massChange, err)
 					}
+					applied = m.TransactionEndLSN
+					continue
 				}
-				applied = m.TransactionEndLSN
+				for i := committed; i < len(changes); i++ {
+					changes[i].Committed = m.CommitTime
+				}
+				if committed == 0 {
+					flushBy = time.Now().Add(batchWindow)
+				}
+				committed = len(changes)
+				batchEnd = m.TransactionEndLSN
+				if committed == 0 {
+					// Nothing of users in it: nothing to apply, and no
+					// reason to replay it.
+					applied = batchEnd
+				}
 				s.changeLag.Store(int64(xld.ServerWALEnd - min(xld.ServerWALEnd, applied)))
-				if soon := time.Now().Add(ackDelay); soon.Before(nextAck) {
-					nextAck = soon
-				}
 			}
 		}
 	}
 }
+
+// batchWindow is how long committed changes wait for more before they are
+// applied: under a stream of commits, one Redis round trip then carries
+// several transactions instead of one each (most of what following the
+// stream costs is the wake-ups and round trips per batch), at the price of
+// this much more lag.
+const batchWindow = 5 * time.Millisecond
+
+// maxBatch bounds the changes of one apply.
+const maxBatch = 512
+
+// massChange: a transaction that changes more rows than this (a bulk
+// UPDATE, a backfill) starts every tier afresh, as missed does, instead of
+// invalidating each row: cheaper than that many tombstones, and it bounds
+// the memory of an open transaction.
+const massChange = 10_000
 
 // ackDelay batches acknowledgements under a stream of commits: a replay
 // after a crash repeats at most this much, and invalidations are
