@@ -42,60 +42,6 @@ type entry struct {
 // (about 20), and the JSON's size-class rounding.
 const entryOverhead = 176
 
-// fillResult is the outcome of a version-guarded fill.
-type fillResult int
-
-const (
-	fillInstalled fillResult = iota
-	fillStale                // the tier holds a newer version or a tombstone that rejects it
-	fillUnchanged            // the tier already holds the same
-	fillSkipped              // the channel epoch changed since the read, or the tier is unusable
-)
-
-// admit decides a fill of e over old, the same rule in both tiers (Redis
-// runs it as the fill script):
-//   - an intent rejects every fill;
-//   - a value is rejected by a tombstone or value of a higher version, and
-//     replaces anything else (an absence is older than any value: an id
-//     that is deleted gets a poison tombstone first, and a fill is dropped
-//     long before that tombstone expires);
-//   - an absence is accepted only where nothing is cached: a tombstone or
-//     value means the id existed after the absence was read.
-//
-// stale reports that old is a local entry of a dead epoch, which is no
-// longer served and is replaced by an equal one.
-func admit(old, e *entry, stale bool) fillResult {
-	if old == nil {
-		return fillInstalled
-	}
-	if old.kind == kindIntent {
-		// The read may have come before the write's commit, and the
-		// write's version is not known yet.
-		return fillStale
-	}
-	switch e.kind {
-	case kindValue:
-		switch {
-		case old.kind == kindAbsent:
-			return fillInstalled
-		case e.version < old.version:
-			return fillStale
-		case e.version == old.version && old.kind == kindValue && !stale:
-			return fillUnchanged
-		}
-		return fillInstalled
-	case kindAbsent:
-		switch {
-		case old.kind != kindAbsent:
-			return fillStale
-		case stale:
-			return fillInstalled
-		}
-		return fillUnchanged
-	}
-	panic(fmt.Sprintf("cache: admit of kind %d", e.kind))
-}
-
 // localTier is the in-process tier: an otter cache of entries by id,
 // bounded by bytes.
 type localTier struct {
