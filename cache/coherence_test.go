@@ -3,6 +3,7 @@ package cache
 import (
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"sort"
 	"sync"
 	"testing"
@@ -11,6 +12,7 @@ import (
 	"github.com/anishathalye/porcupine"
 
 	"userapi"
+	"userapi/internal/pgtest"
 )
 
 // coherenceWindow is the staleness the coherence test allows a read on an
@@ -45,10 +47,18 @@ type coherenceOp struct {
 //	(c) afterwards every cached entry in every tier equals its database row.
 func TestCoherence(t *testing.T) {
 	srv := startRedis(t)
+	// On a PostgreSQL with logical replication the instances follow its
+	// change stream, and one more client writes straight into the
+	// database, as psql would, bypassing every instance.
 	var db userapi.Store
-	if postgresURL() != "" {
+	var feed userapi.ChangeFeed
+	switch {
+	case os.Getenv(pgtest.LogicalEnv) != "":
+		pg, _ := logicalDB(t)
+		db, feed = pg, pg
+	case postgresURL() != "":
 		db = newPostgres(t)
-	} else {
+	default:
 		db = newSQLite(t)
 	}
 	const (
@@ -72,6 +82,7 @@ func TestCoherence(t *testing.T) {
 	for i := range instances {
 		arrivals[i] = map[kv]time.Time{}
 		cfg := fastTiered(srv.url(), prefix)
+		cfg.Changes = feed
 		cfg.onNotice = func(id, v int64, at time.Time) {
 			nmu.Lock()
 			if _, ok := arrivals[i][kv{id, v}]; !ok {
@@ -93,15 +104,23 @@ func TestCoherence(t *testing.T) {
 	var hmu sync.Mutex
 	var history []coherenceOp
 	start := time.Now()
+	clients := nClients
+	if feed != nil {
+		clients++ // the outside writer
+	}
 	var wg sync.WaitGroup
-	for c := range nClients {
+	for c := range clients {
 		wg.Go(func() {
 			rng := rand.New(rand.NewPCG(uint64(c), 42))
 			ctx := testContext(t)
 			var ops []coherenceOp
+			outside := c == nClients
 			for n := 0; n < maxOps && time.Since(start) < run; n++ {
 				op := coherenceOp{client: c, instance: rng.IntN(nInstances), key: keys[rng.IntN(nKeys)], write: rng.IntN(5) == 0}
-				s := instances[op.instance]
+				var s userapi.Store = instances[op.instance]
+				if outside {
+					op.instance, op.write, s = -1, true, db
+				}
 				op.call = time.Now()
 				if op.write {
 					name := fmt.Sprintf("c%d-%d", c, n)
@@ -112,7 +131,7 @@ func TestCoherence(t *testing.T) {
 					}
 					op.version = u.Version
 				} else {
-					e, err := s.GetUserEncoded(ctx, op.key)
+					e, err := instances[op.instance].GetUserEncoded(ctx, op.key)
 					if err != nil {
 						t.Errorf("client %d: read %d on instance %d: %v", c, op.key, op.instance, err)
 						return
@@ -122,6 +141,9 @@ func TestCoherence(t *testing.T) {
 				op.ret = time.Now()
 				ops = append(ops, op)
 				time.Sleep(time.Duration(200+rng.IntN(400)) * time.Microsecond)
+				if outside {
+					time.Sleep(5 * time.Millisecond) // about as many writes as one client through the instances
+				}
 			}
 			hmu.Lock()
 			history = append(history, ops...)
@@ -155,7 +177,7 @@ func TestCoherence(t *testing.T) {
 			nw++
 		}
 	}
-	t.Logf("%d operations (%d writes) by %d clients on %d instances", len(history), nw, nClients, nInstances)
+	t.Logf("%d operations (%d writes) by %d clients on %d instances (outside writes: %v)", len(history), nw, clients, nInstances, feed != nil)
 
 	// (a) and the staleness of (b).
 	var stale []time.Duration
