@@ -211,7 +211,7 @@ type Store struct {
 	// a transition, is dead: that is the flush on reconnect, without a race
 	// against fills in flight. In local mode there is no channel and state
 	// stays 1.
-	state atomic.Uint64
+	state epoch
 
 	ctx    context.Context // ends at Close
 	cancel context.CancelFunc
@@ -736,26 +736,15 @@ func (s *Store) onIntent(id int64) {
 // channelDown marks the notice channel down: the local tier stops serving
 // and no local fill started before is accepted.
 func (s *Store) channelDown() {
-	for {
-		st := s.state.Load()
-		if st&1 == 0 || s.state.CompareAndSwap(st, st+1) {
-			break
-		}
-	}
+	s.state.set(false)
 	s.m.channelUp.Set(0)
 }
 
 // channelUp marks the channel up after a (re)subscription. Entries filled
 // before are dead by epoch; dropping them frees their memory.
 func (s *Store) channelUp() {
-	for {
-		st := s.state.Load()
-		if st&1 == 1 {
-			return
-		}
-		if s.state.CompareAndSwap(st, st+1) {
-			break
-		}
+	if !s.state.set(true) {
+		return
 	}
 	if s.local != nil {
 		s.local.flush()
@@ -766,19 +755,9 @@ func (s *Store) channelUp() {
 // flushLocal starts a new epoch without taking the channel down: every
 // local entry filled before is dead, and so is every fill in flight.
 func (s *Store) flushLocal() {
-	if s.local == nil {
-		return
+	if s.local != nil && s.state.renew() {
+		s.local.flush()
 	}
-	for {
-		st := s.state.Load()
-		if st&1 == 0 {
-			return // down: channelUp starts a new epoch anyway
-		}
-		if s.state.CompareAndSwap(st, st+2) {
-			break
-		}
-	}
-	s.local.flush()
 }
 
 // followChanges keeps following the database's change stream until Close.

@@ -1,6 +1,9 @@
 package cache
 
-import "fmt"
+import (
+	"fmt"
+	"sync/atomic"
+)
 
 // The guard rules: what stops a stale read. They are enforced twice, here in
 // Go for the local tier and in Lua for Redis (fillScript, invalidateScript,
@@ -80,4 +83,41 @@ func admit(old, e *entry, stale bool) fillResult {
 		return fillUnchanged
 	}
 	panic(fmt.Sprintf("cache: admit of kind %d", e.kind))
+}
+
+// epoch counts the transitions of something that is up or down (the notice
+// channel, the Redis tier's usability): it goes up by one at every change
+// and is odd while up, and renew starts a new epoch while staying up. Work
+// that began in one epoch and ends in another (a fill whose read straddled
+// an outage) is dropped by comparing the two.
+type epoch struct{ atomic.Uint64 }
+
+// up reports whether the current epoch is an up one.
+func (e *epoch) up() bool { return e.Load()&1 == 1 }
+
+// set moves to up or down and reports whether that was a change.
+func (e *epoch) set(up bool) bool {
+	for {
+		v := e.Load()
+		if (v&1 == 1) == up {
+			return false
+		}
+		if e.CompareAndSwap(v, v+1) {
+			return true
+		}
+	}
+}
+
+// renew starts a new up epoch and reports whether it did: while down it
+// does nothing, since coming up starts a new epoch anyway.
+func (e *epoch) renew() bool {
+	for {
+		v := e.Load()
+		if v&1 == 0 {
+			return false
+		}
+		if e.CompareAndSwap(v, v+2) {
+			return true
+		}
+	}
 }

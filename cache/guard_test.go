@@ -2,7 +2,6 @@ package cache
 
 import (
 	"fmt"
-	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -34,7 +33,7 @@ func TestGuardRulesAgree(t *testing.T) {
 	}
 	type op struct {
 		name  string
-		local func(l *localTier, id int64, st *atomic.Uint64) string
+		local func(l *localTier, id int64, st *epoch) string
 		redis func(key string) string
 	}
 	verdict := map[fillResult]string{fillInstalled: "installed", fillStale: "stale", fillUnchanged: "unchanged", fillSkipped: "skipped"}
@@ -42,7 +41,7 @@ func TestGuardRulesAgree(t *testing.T) {
 	fillOp := func(name string, e *entry) op {
 		return op{
 			name: name,
-			local: func(l *localTier, id int64, st *atomic.Uint64) string {
+			local: func(l *localTier, id int64, st *epoch) string {
 				return verdict[l.fill(id, e, st)]
 			},
 			redis: func(key string) string {
@@ -58,7 +57,7 @@ func TestGuardRulesAgree(t *testing.T) {
 	tombOp := func(name string, v int64) op {
 		return op{
 			name: name,
-			local: func(l *localTier, id int64, _ *atomic.Uint64) string {
+			local: func(l *localTier, id int64, _ *epoch) string {
 				l.tombstone(id, v, time.Minute)
 				return ""
 			},
@@ -77,7 +76,7 @@ func TestGuardRulesAgree(t *testing.T) {
 		tombOp("poison", poisonVersion), tombOp("release", releaseVersion),
 		{
 			name: "intent",
-			local: func(l *localTier, id int64, _ *atomic.Uint64) string {
+			local: func(l *localTier, id int64, _ *epoch) string {
 				l.intent(id, time.Minute)
 				return ""
 			},
@@ -104,7 +103,7 @@ func TestGuardRulesAgree(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				var st atomic.Uint64
+				var st epoch
 				st.Store(1)
 				key := r.key(id)
 				client := r.client()

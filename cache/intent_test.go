@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -186,7 +185,7 @@ func TestIntentAdmit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var state atomic.Uint64
+	var state epoch
 	state.Store(1)
 	val := func(v int64) *entry {
 		return &entry{kind: kindValue, version: v, json: []byte("{}"), epoch: 1, ttl: time.Minute}

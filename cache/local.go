@@ -2,7 +2,6 @@ package cache
 
 import (
 	"fmt"
-	"sync/atomic"
 	"time"
 
 	"github.com/maypok86/otter/v2"
@@ -76,7 +75,7 @@ func (l *localTier) get(id int64) (*entry, bool) { return l.c.GetIfPresent(id) }
 // and up; the check and the write are one atomic step (otter's Compute
 // holds the key's bucket lock), so a tombstone or an epoch change that
 // lands first always wins.
-func (l *localTier) fill(id int64, e *entry, state *atomic.Uint64) fillResult {
+func (l *localTier) fill(id int64, e *entry, state *epoch) fillResult {
 	res := fillSkipped
 	l.c.Compute(id, func(old *entry, found bool) (*entry, otter.ComputeOp) {
 		cur := state.Load()

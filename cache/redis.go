@@ -175,7 +175,7 @@ type redisTier struct {
 	// since its read began: a read made while Redis was unusable may
 	// predate a write whose invalidation is still pending on another
 	// instance.
-	health atomic.Uint64
+	health epoch
 	wake   chan struct{}
 
 	// Invalidations not yet applied to Redis: id → highest version.
@@ -261,7 +261,7 @@ func (r *redisTier) start() {
 	// Give the channel a moment to come up so the local tier serves from
 	// the first request; if Redis is away it comes up later.
 	deadline := time.Now().Add(time.Second)
-	for r.s.state.Load()&1 == 0 && time.Now().Before(deadline) && r.box.Load() != nil {
+	for !r.s.state.up() && time.Now().Before(deadline) && r.box.Load() != nil {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
@@ -304,20 +304,10 @@ func (r *redisTier) readable(id int64) bool {
 	return !ok
 }
 
-func (r *redisTier) usable() bool { return r.health.Load()&1 == 1 }
+func (r *redisTier) usable() bool { return r.health.up() }
 
 // setUsable changes the usability and reports whether it changed.
-func (r *redisTier) setUsable(u bool) bool {
-	for {
-		h := r.health.Load()
-		if (h&1 == 1) == u {
-			return false
-		}
-		if r.health.CompareAndSwap(h, h+1) {
-			return true
-		}
-	}
-}
+func (r *redisTier) setUsable(u bool) bool { return r.health.set(u) }
 
 // succeeded and failed feed the breaker. A caller that went away is not
 // Redis's failure.
@@ -722,14 +712,7 @@ func (r *redisTier) adoptGen(g int64) {
 
 // bumpHealth starts a new health epoch without a change of usability, so
 // that every fill whose read began before is dropped.
-func (r *redisTier) bumpHealth() {
-	for {
-		h := r.health.Load()
-		if h&1 == 0 || r.health.CompareAndSwap(h, h+2) {
-			return
-		}
-	}
-}
+func (r *redisTier) bumpHealth() { r.health.renew() }
 
 // refreshGate serves the local tier only while the notice channel is
 // subscribed and Redis is usable: without both, invalidations may be
@@ -878,7 +861,7 @@ func (r *redisTier) subscribeLoop() {
 		}
 		up, err := r.subscribeOnce(c)
 		r.subscribed.Store(false)
-		wasUp := r.s.state.Load()&1 == 1
+		wasUp := r.s.state.up()
 		r.refreshGate()
 		if r.s.ctx.Err() != nil {
 			return

@@ -24,7 +24,7 @@ func fastTiered(url, prefix string) Config {
 	}
 }
 
-func channelIsUp(c *Store) bool  { return c.state.Load()&1 == 1 }
+func channelIsUp(c *Store) bool  { return c.state.up() }
 func redisUsable(c *Store) bool  { return c.redis.usable() }
 func healthy(c *Store) bool      { return channelIsUp(c) && redisUsable(c) && c.redis.npending.Load() == 0 }
 func noticesIn(c *Store) float64 { return value(c.m.invReceived) }
