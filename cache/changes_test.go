@@ -98,7 +98,7 @@ func TestChangeStreamOutsideWrites(t *testing.T) {
 	prefix := testPrefix()
 	var inst []*Store
 	for range 3 {
-		inst = append(inst, newCache(t, db, streamTiered(srv.url(), prefix, db)))
+		inst = append(inst, newCache(t, db, streamTiered(srv.URL(), prefix, db)))
 	}
 	eventually(t, 5*time.Second, "instances healthy", func() bool {
 		for _, c := range inst {
@@ -188,8 +188,8 @@ func TestChangeStreamTakeover(t *testing.T) {
 	db, url := logicalDB(t)
 	ids := createUsers(t, db, "takeover", 10)
 	prefix := testPrefix()
-	a := newCache(t, db, streamTiered(srv.url(), prefix, db))
-	b := newCache(t, db, streamTiered(srv.url(), prefix, db))
+	a := newCache(t, db, streamTiered(srv.URL(), prefix, db))
+	b := newCache(t, db, streamTiered(srv.URL(), prefix, db))
 	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	streaming(t, a, b)
 	w := outsideWriter(t, url)
@@ -224,7 +224,7 @@ func TestChangeStreamResumes(t *testing.T) {
 	db, url := logicalDB(t)
 	ids := createUsers(t, db, "resume", 10)
 	prefix := testPrefix()
-	a := newCache(t, db, streamTiered(srv.url(), prefix, db))
+	a := newCache(t, db, streamTiered(srv.URL(), prefix, db))
 	eventually(t, 5*time.Second, "instance healthy", func() bool { return healthy(a) })
 	streaming(t, a)
 	w := outsideWriter(t, url)
@@ -252,8 +252,8 @@ func TestChangeStreamSlotDropped(t *testing.T) {
 	db, url := logicalDB(t)
 	ids := createUsers(t, db, "dropped", 5)
 	prefix := testPrefix()
-	a := newCache(t, db, streamTiered(srv.url(), prefix, db))
-	b := newCache(t, db, fastTiered(srv.url(), prefix)) // not following
+	a := newCache(t, db, streamTiered(srv.URL(), prefix, db))
+	b := newCache(t, db, fastTiered(srv.URL(), prefix)) // not following
 	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	eventually(t, 5*time.Second, "the slot created", func() bool { return value(a.m.changesMissed) == 1 })
 	for _, id := range ids {

@@ -81,7 +81,7 @@ func TestCoherence(t *testing.T) {
 	instances := make([]*Store, nInstances)
 	for i := range instances {
 		arrivals[i] = map[kv]time.Time{}
-		cfg := fastTiered(srv.url(), prefix)
+		cfg := fastTiered(srv.URL(), prefix)
 		cfg.Changes = feed
 		cfg.onNotice = func(id, v int64, at time.Time) {
 			nmu.Lock()
@@ -151,10 +151,10 @@ func TestCoherence(t *testing.T) {
 		})
 	}
 	time.Sleep(run * 3 / 10)
-	srv.stop()
+	srv.Stop()
 	t.Logf("Redis stopped at %v", time.Since(start).Round(time.Millisecond))
 	time.Sleep(run * 3 / 10)
-	srv.start()
+	srv.Start()
 	t.Logf("Redis restarted at %v", time.Since(start).Round(time.Millisecond))
 	wg.Wait()
 	if t.Failed() {

@@ -5,15 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"net"
 	"net/url"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strconv"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -23,6 +19,7 @@ import (
 
 	"userapi"
 	"userapi/internal/pgtest"
+	"userapi/internal/testenv"
 	"userapi/postgres"
 	"userapi/sqlite"
 )
@@ -32,11 +29,7 @@ const (
 	envRedis    = "USERAPI_TEST_REDIS_URL"
 )
 
-func testContext(tb testing.TB) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	tb.Cleanup(cancel)
-	return ctx
-}
+func testContext(tb testing.TB) context.Context { return testenv.Context(tb) }
 
 // newSQLite opens a fresh, migrated SQLite store in a temporary directory.
 func newSQLite(tb testing.TB) userapi.Store {
@@ -317,96 +310,21 @@ func eventually(tb testing.TB, d time.Duration, what string, cond func() bool) {
 // value reads a counter or gauge.
 func value(c prometheus.Collector) float64 { return testutil.ToFloat64(c) }
 
-// redisServer is a redis-server of the test's own, on a free port, without
-// persistence, so a test can stop, pause and restart it.
-type redisServer struct {
-	tb   testing.TB
-	port int
-	cmd  *exec.Cmd
-	dir  string // where SAVE writes; "" for a fresh TempDir each start
-}
-
-func startRedis(tb testing.TB) *redisServer {
+// startRedis starts a redis-server of the test's own (testenv.RedisServer)
+// when the Redis tests are enabled.
+func startRedis(tb testing.TB) *testenv.RedisServer {
 	tb.Helper()
-	needRedis(tb) // the Redis tests are enabled
-	if _, err := exec.LookPath("redis-server"); err != nil {
-		tb.Fatalf("redis-server not found: %v", err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	r := &redisServer{tb: tb, port: port}
-	r.start()
-	tb.Cleanup(r.stop)
-	return r
+	needRedis(tb)
+	return testenv.StartRedis(tb)
 }
-
-func (r *redisServer) url() string { return "redis://127.0.0.1:" + strconv.Itoa(r.port) + "/0" }
-
-func (r *redisServer) start() {
-	r.tb.Helper()
-	dir := r.dir
-	if dir == "" {
-		dir = r.tb.TempDir()
-	}
-	r.cmd = exec.Command("redis-server", "--port", strconv.Itoa(r.port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--dir", dir, "--loglevel", "warning")
-	if err := r.cmd.Start(); err != nil {
-		r.tb.Fatalf("start redis-server: %v", err)
-	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		c, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(r.port))
-		if err == nil {
-			c.Close()
-			return
-		}
-		if time.Now().After(deadline) {
-			r.tb.Fatalf("redis-server on %d did not start: %v", r.port, err)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// stop kills the server (as a crash would) and waits for it to exit.
-func (r *redisServer) stop() {
-	if r.cmd == nil || r.cmd.Process == nil {
-		return
-	}
-	r.cmd.Process.Signal(syscall.SIGCONT) // in case it is paused
-	r.cmd.Process.Kill()
-	r.cmd.Wait()
-	r.cmd = nil
-}
-
-// pause stops the server's process without closing its connections: Redis
-// is there but does not answer, as in a stall or a network partition.
-func (r *redisServer) pause()  { r.cmd.Process.Signal(syscall.SIGSTOP) }
-func (r *redisServer) resume() { r.cmd.Process.Signal(syscall.SIGCONT) }
 
 // startRedisSaving is startRedis with a data directory that survives
 // restarts, so a test can SAVE a snapshot and restart Redis from it.
-func startRedisSaving(tb testing.TB) *redisServer {
+func startRedisSaving(tb testing.TB) *testenv.RedisServer {
 	tb.Helper()
 	r := startRedis(tb)
-	r.stop()
-	r.dir = tb.TempDir()
-	r.start()
+	r.Stop()
+	r.Dir = tb.TempDir()
+	r.Start()
 	return r
-}
-
-// do runs one command on a client of its own (the test's, not the cache's).
-func (r *redisServer) do(args ...string) error {
-	r.tb.Helper()
-	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{"127.0.0.1:" + strconv.Itoa(r.port)}, DisableCache: true})
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	return c.Do(ctx, c.B().Arbitrary(args...).Build()).Error()
 }

@@ -101,8 +101,8 @@ func TestRedisDown(t *testing.T) {
 	db := newSQLite(t)
 	u := mustCreate(t, db, "down@example.com")
 	prefix := testPrefix()
-	a := newCache(t, db, fastTiered(srv.url(), prefix))
-	b := newCache(t, db, fastTiered(srv.url(), prefix))
+	a := newCache(t, db, fastTiered(srv.URL(), prefix))
+	b := newCache(t, db, fastTiered(srv.URL(), prefix))
 	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	version(t, a, u.ID)
 	version(t, b, u.ID)
@@ -110,7 +110,7 @@ func TestRedisDown(t *testing.T) {
 		version(t, b, u.ID)
 	}
 
-	srv.stop()
+	srv.Stop()
 	eventually(t, 2*time.Second, "channels down", func() bool { return !channelIsUp(a) && !channelIsUp(b) })
 	// Reads go on (from the database) and open the breaker.
 	for range 20 {
@@ -145,7 +145,7 @@ func TestRedisDown(t *testing.T) {
 		t.Errorf("A has %d pending invalidations, want 1", a.redis.npending.Load())
 	}
 
-	srv.start()
+	srv.Start()
 	eventually(t, 5*time.Second, "instances healthy again", func() bool { return healthy(a) && healthy(b) })
 	for _, c := range []*Store{a, b} {
 		for range 3 {
@@ -170,13 +170,13 @@ func TestRedisStalled(t *testing.T) {
 	db := newSQLite(t)
 	u := mustCreate(t, db, "stall@example.com")
 	prefix := testPrefix()
-	a := newCache(t, db, fastTiered(srv.url(), prefix))
-	b := newCache(t, db, fastTiered(srv.url(), prefix))
+	a := newCache(t, db, fastTiered(srv.URL(), prefix))
+	b := newCache(t, db, fastTiered(srv.URL(), prefix))
 	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	version(t, a, u.ID)
 	version(t, b, u.ID) // Redis and both local tiers hold version 1
 
-	srv.pause()
+	srv.Pause()
 	start := time.Now()
 	if v := rename(t, a, u.ID, "Stalled").Version; v != 2 {
 		t.Fatalf("write during stall: version %d", v)
@@ -197,7 +197,7 @@ func TestRedisStalled(t *testing.T) {
 		t.Errorf("B read version %d with its channel down", v)
 	}
 	time.Sleep(1200 * time.Millisecond) // past the connections' write timeout
-	srv.resume()
+	srv.Resume()
 	resumed := time.Now()
 	eventually(t, 3*time.Second, "B serves the write", func() bool { return version(t, b, u.ID) == 2 })
 	t.Logf("B served the write %v after Redis resumed", time.Since(resumed))
@@ -222,7 +222,7 @@ func TestPendingOverflow(t *testing.T) {
 		users = append(users, mustCreate(t, db, fmt.Sprintf("o%d@example.com", i)))
 	}
 	prefix := testPrefix()
-	cfg := fastTiered(srv.url(), prefix)
+	cfg := fastTiered(srv.URL(), prefix)
 	cfg.PendingMax = 2
 	a := newCache(t, db, cfg)
 	b := newCache(t, db, cfg)
@@ -231,7 +231,7 @@ func TestPendingOverflow(t *testing.T) {
 		version(t, a, u.ID)
 		version(t, b, u.ID)
 	}
-	srv.pause()
+	srv.Pause()
 	for _, u := range users {
 		rename(t, a, u.ID, "Overflow")
 	}
@@ -244,7 +244,7 @@ func TestPendingOverflow(t *testing.T) {
 		}
 	}
 	before := a.redis.gen.Load()
-	srv.resume()
+	srv.Resume()
 	eventually(t, 5*time.Second, "both on a new generation", func() bool {
 		g := a.redis.gen.Load()
 		return g > before && b.redis.gen.Load() == g && healthy(a) && healthy(b)
@@ -263,17 +263,17 @@ func TestPendingOverflow(t *testing.T) {
 // the database and starts using Redis when it appears.
 func TestRedisAbsentAtStart(t *testing.T) {
 	srv := startRedis(t)
-	srv.stop()
+	srv.Stop()
 	db := newSQLite(t)
 	u := mustCreate(t, db, "late@example.com")
-	a := newCache(t, db, fastTiered(srv.url(), testPrefix()))
+	a := newCache(t, db, fastTiered(srv.URL(), testPrefix()))
 	if v := version(t, a, u.ID); v != 1 {
 		t.Fatalf("read without Redis: version %d", v)
 	}
 	if v := rename(t, a, u.ID, "NoRedis").Version; v != 2 {
 		t.Fatalf("write without Redis: version %d", v)
 	}
-	srv.start()
+	srv.Start()
 	eventually(t, 5*time.Second, "healthy once Redis is up", func() bool { return healthy(a) })
 	for range 3 {
 		if v := version(t, a, u.ID); v != 2 {
@@ -433,14 +433,14 @@ func TestPendingBacklog(t *testing.T) {
 		t.Fatalf("seeded %d users, %v", len(page), err)
 	}
 	prefix := testPrefix()
-	a := newCache(t, db, fastTiered(srv.url(), prefix))
-	b := newCache(t, db, fastTiered(srv.url(), prefix))
+	a := newCache(t, db, fastTiered(srv.URL(), prefix))
+	b := newCache(t, db, fastTiered(srv.URL(), prefix))
 	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	for _, u := range page {
 		version(t, a, u.ID)
 		version(t, b, u.ID) // Redis and both local tiers hold version 1
 	}
-	srv.pause()
+	srv.Pause()
 	for _, u := range page {
 		rename(t, a, u.ID, "Backlog")
 	}
@@ -448,7 +448,7 @@ func TestPendingBacklog(t *testing.T) {
 		t.Fatalf("%d invalidations pending, want %d", got, n)
 	}
 	time.Sleep(1200 * time.Millisecond) // past the connections' write timeout
-	srv.resume()
+	srv.Resume()
 	eventually(t, 5*time.Second, "backlog applied", func() bool { return healthy(a) && healthy(b) })
 	for _, c := range []*Store{a, b} {
 		for _, u := range page {

@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"userapi"
+	"userapi/internal/testenv"
 )
 
 // The Redis faults that used to leave a stale entry behind. Each test ends
@@ -82,25 +83,25 @@ func TestLocalCopyOfRedisEntryExpires(t *testing.T) {
 func TestRedisRefusingWrites(t *testing.T) {
 	faults := []struct {
 		name   string
-		inject func(*redisServer) error
-		heal   func(*redisServer) error
+		inject func(*testenv.RedisServer) error
+		heal   func(*testenv.RedisServer) error
 	}{
 		{
 			name: "oom",
-			inject: func(r *redisServer) error {
-				if err := r.do("CONFIG", "SET", "maxmemory-policy", "noeviction"); err != nil {
+			inject: func(r *testenv.RedisServer) error {
+				if err := r.Do("CONFIG", "SET", "maxmemory-policy", "noeviction"); err != nil {
 					return err
 				}
-				return r.do("CONFIG", "SET", "maxmemory", "1")
+				return r.Do("CONFIG", "SET", "maxmemory", "1")
 			},
-			heal: func(r *redisServer) error { return r.do("CONFIG", "SET", "maxmemory", "0") },
+			heal: func(r *testenv.RedisServer) error { return r.Do("CONFIG", "SET", "maxmemory", "0") },
 		},
 		{
 			name: "readonly",
 			// A replica of a master that is not there: it keeps its data,
 			// answers reads and refuses writes.
-			inject: func(r *redisServer) error { return r.do("REPLICAOF", "127.0.0.1", "1") },
-			heal:   func(r *redisServer) error { return r.do("REPLICAOF", "NO", "ONE") },
+			inject: func(r *testenv.RedisServer) error { return r.Do("REPLICAOF", "127.0.0.1", "1") },
+			heal:   func(r *testenv.RedisServer) error { return r.Do("REPLICAOF", "NO", "ONE") },
 		},
 	}
 	for _, f := range faults {
@@ -109,8 +110,8 @@ func TestRedisRefusingWrites(t *testing.T) {
 			db := newSQLite(t)
 			ids := createUsers(t, db, f.name, 20)
 			prefix := testPrefix()
-			a := newCache(t, db, fastTiered(srv.url(), prefix))
-			b := newCache(t, db, fastTiered(srv.url(), prefix))
+			a := newCache(t, db, fastTiered(srv.URL(), prefix))
+			b := newCache(t, db, fastTiered(srv.URL(), prefix))
 			eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 			for _, id := range ids {
 				version(t, a, id)
@@ -148,8 +149,8 @@ func TestRedisStalledBelowHeartbeat(t *testing.T) {
 	db := newSQLite(t)
 	ids := createUsers(t, db, "slow", 10)
 	prefix := testPrefix()
-	a := newCache(t, db, fastTiered(srv.url(), prefix))
-	b := newCache(t, db, fastTiered(srv.url(), prefix))
+	a := newCache(t, db, fastTiered(srv.URL(), prefix))
+	b := newCache(t, db, fastTiered(srv.URL(), prefix))
 	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	for _, id := range ids {
 		version(t, a, id)
@@ -163,14 +164,14 @@ func TestRedisStalledBelowHeartbeat(t *testing.T) {
 	go func() {
 		defer close(done)
 		for {
-			srv.pause()
+			srv.Pause()
 			select {
 			case <-stop:
-				srv.resume()
+				srv.Resume()
 				return
 			case <-time.After(150 * time.Millisecond):
 			}
-			srv.resume()
+			srv.Resume()
 			time.Sleep(50 * time.Millisecond)
 		}
 	}()
@@ -196,8 +197,8 @@ func TestRedisRestartedEmptyDuringFill(t *testing.T) {
 	u := mustCreate(t, sq, "restart@example.com")
 	h := &hookStore{Store: sq}
 	prefix := testPrefix()
-	a := newCache(t, h, fastTiered(srv.url(), prefix))
-	b := newCache(t, sq, fastTiered(srv.url(), prefix))
+	a := newCache(t, h, fastTiered(srv.URL(), prefix))
+	b := newCache(t, sq, fastTiered(srv.URL(), prefix))
 	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 
 	release := gateFirstLoad(t, h)
@@ -206,8 +207,8 @@ func TestRedisRestartedEmptyDuringFill(t *testing.T) {
 	eventually(t, 2*time.Second, "the fill's read in flight", func() bool { return h.reads() == 1 })
 	nu := rename(t, a, u.ID, "Newer")
 
-	srv.stop()
-	srv.start()
+	srv.Stop()
+	srv.Start()
 	release()
 	<-read
 	time.Sleep(settle)
@@ -228,14 +229,14 @@ func TestRedisRestoredFromOldSnapshot(t *testing.T) {
 	db := newSQLite(t)
 	ids := createUsers(t, db, "snap", 5)
 	prefix := testPrefix()
-	a := newCache(t, db, fastTiered(srv.url(), prefix))
-	b := newCache(t, db, fastTiered(srv.url(), prefix))
+	a := newCache(t, db, fastTiered(srv.URL(), prefix))
+	b := newCache(t, db, fastTiered(srv.URL(), prefix))
 	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	for _, id := range ids {
 		version(t, a, id)
 		version(t, b, id)
 	}
-	if err := srv.do("SAVE"); err != nil {
+	if err := srv.Do("SAVE"); err != nil {
 		t.Fatal(err)
 	}
 	want := map[int64]int64{}
@@ -243,8 +244,8 @@ func TestRedisRestoredFromOldSnapshot(t *testing.T) {
 		want[id] = rename(t, a, id, "AfterSnapshot").Version
 		version(t, a, id) // the new version in Redis too
 	}
-	srv.stop()
-	srv.start() // loads the snapshot, with the old rows in it
+	srv.Stop()
+	srv.Start() // loads the snapshot, with the old rows in it
 	time.Sleep(settle)
 	eventually(t, 5*time.Second, "instances healthy again", func() bool { return healthy(a) && healthy(b) })
 	serves(t, a, ids, want, 0, "A")

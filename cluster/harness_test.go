@@ -14,11 +14,11 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"userapi/internal/pgtest"
+	"userapi/internal/testenv"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -111,31 +111,7 @@ func startRedis(t *testing.T, configured string) string {
 	if err := pingRedis(configured, 5*time.Second); err != nil {
 		t.Fatalf("USERAPI_TEST_REDIS_URL is set but Redis is unreachable: %v", err)
 	}
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		bin = "/usr/bin/redis-server"
-	}
-	port := freePorts(t, 1)[0]
-	dir := t.TempDir()
-	logFile := filepath.Join(dir, "redis.log")
-	cmd := exec.Command(bin, "--port", strconv.Itoa(port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--dir", dir, "--daemonize", "no",
-		"--loglevel", "warning", "--logfile", logFile)
-	// Killed with the test binary even if it dies before its cleanups run.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start redis-server: %v", err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-	})
-	u := fmt.Sprintf("redis://127.0.0.1:%d/0", port)
-	if err := pingRedis(u, 5*time.Second); err != nil {
-		out, _ := os.ReadFile(logFile)
-		t.Fatalf("own redis-server on port %d: %v\n%s", port, err, out)
-	}
-	return u
+	return testenv.StartRedis(t).URL()
 }
 
 // pingRedis retries PING until it succeeds or timeout passes.
@@ -165,19 +141,7 @@ func pingRedis(redisURL string, timeout time.Duration) error {
 }
 
 // freePorts returns n loopback ports that were free a moment ago.
-func freePorts(t *testing.T, n int) []int {
-	t.Helper()
-	ports := make([]int, n)
-	for i := range ports {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ln.Close()
-		ports[i] = ln.Addr().(*net.TCPAddr).Port
-	}
-	return ports
-}
+func freePorts(t *testing.T, n int) []int { return testenv.FreePorts(t, n) }
 
 func randomHex(n int) string {
 	b := make([]byte, n)

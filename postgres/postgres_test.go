@@ -16,17 +16,14 @@ import (
 
 	"userapi"
 	"userapi/internal/pgtest"
+	"userapi/internal/testenv"
 	"userapi/postgres"
 	"userapi/storetest"
 )
 
 const envURL = pgtest.Env
 
-func testContext(t testing.TB) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	t.Cleanup(cancel)
-	return ctx
-}
+func testContext(t testing.TB) context.Context { return testenv.Context(t) }
 
 // newDatabase creates an empty database of its own, dropped at cleanup,
 // and returns its URL (see pgtest.Database).
