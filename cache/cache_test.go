@@ -69,6 +69,12 @@ func TestConformance(t *testing.T) {
 			open func(testing.TB) userapi.Store
 		}{"postgres", newPostgres})
 	}
+	if bouncerEnabled() {
+		backends = append(backends, struct {
+			name string
+			open func(testing.TB) userapi.Store
+		}{"pgbouncer", newPostgresBouncer})
+	}
 	for _, b := range backends {
 		for _, m := range cacheModes {
 			if b.name != "sqlite" && !m.cfg.Coalesce {

@@ -132,7 +132,7 @@ func (s *Store) ensurePublication(ctx context.Context, name string) error {
 // followOnce connects for replication, makes sure the slot exists and
 // streams from it until ctx ends or something fails.
 func (s *Store) followOnce(ctx context.Context, slot string, apply func(context.Context, []userapi.Change) error, missed func(context.Context) error) error {
-	cfg := s.pool.Config().ConnConfig.Config.Copy()
+	cfg := s.direct.Copy() // a proxy in front of the pool cannot carry replication
 	cfg.RuntimeParams["replication"] = "database"
 	conn, err := pgconn.ConnectConfig(ctx, cfg)
 	if err != nil {

@@ -84,6 +84,15 @@ type Options struct {
 	// change stream (FollowChanges); empty means "userapi_" and the
 	// database's name. Instances that share a database share it.
 	ChangeSlot string
+	// DirectURL is the database server's own address when the URL given to
+	// Open goes through a transaction-pooling proxy such as PgBouncer. The
+	// two things such a proxy cannot carry use it: migrations, which hold a
+	// session advisory lock, and the change stream's replication
+	// connection. Empty means the URL itself. With a DirectURL, queries
+	// use pgx's cache_describe mode (no named prepared statements, which a
+	// transaction pooler cannot keep) unless the URL's
+	// default_query_exec_mode chooses another.
+	DirectURL string
 }
 
 // Store is the PostgreSQL users store. It is safe for concurrent use.
@@ -94,8 +103,9 @@ type Store struct {
 	queryTimeout   time.Duration
 	schemaVersion  int64 // the newest embedded migration
 
-	changeSlot string       // Options.ChangeSlot
-	changeLag  atomic.Int64 // bytes of WAL the change stream is behind the server
+	changeSlot string         // Options.ChangeSlot
+	direct     *pgconn.Config // the server itself, for the change stream (Options.DirectURL)
+	changeLag  atomic.Int64   // bytes of WAL the change stream is behind the server
 }
 
 // Open connects to the database at url (postgres://user@host:5432/db?...).
@@ -129,6 +139,29 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 	}
 
 	s := &Store{acquireTimeout: opts.AcquireTimeout, queryTimeout: opts.QueryTimeout, changeSlot: opts.ChangeSlot}
+	s.direct = &cc.Config
+	if opts.DirectURL != "" {
+		dc, err := pgx.ParseConfig(opts.DirectURL)
+		if err != nil {
+			return nil, fmt.Errorf("open postgres: direct URL: %w", err)
+		}
+		s.direct = &dc.Config
+		if _, chosen := cc.RuntimeParams["default_query_exec_mode"]; !chosen && !strings.Contains(url, "default_query_exec_mode") {
+			// A transaction pooler hands each transaction to any server
+			// connection, where a named prepared statement may not
+			// exist: describe statements unnamed, once, and cache that.
+			cc.DefaultQueryExecMode = pgx.QueryExecModeCacheDescribe
+		}
+		if opts.Migrate {
+			// Through a transaction-pooling proxy the migration lock
+			// could be taken on one server connection and released on
+			// another: migrate on the server itself, then only check.
+			if err := Migrate(ctx, opts.DirectURL); err != nil {
+				return nil, fmt.Errorf("open postgres: %w", err)
+			}
+			opts.Migrate = false
+		}
+	}
 	var db *sql.DB
 	if opts.NoPool {
 		// A connection used for one call never reuses a prepared

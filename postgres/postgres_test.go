@@ -440,3 +440,19 @@ func BenchmarkGetUser(b *testing.B) {
 		}
 	}
 }
+
+// TestConformanceThroughPgBouncer: the store behind PgBouncer in transaction
+// mode, where consecutive statements of one connection may run on different
+// server connections and named prepared statements do not survive, with
+// migrations applied on the server itself (DirectURL).
+func TestConformanceThroughPgBouncer(t *testing.T) {
+	storetest.Run(t, func(t *testing.T) userapi.Store {
+		direct := newDatabase(t)
+		s, err := postgres.Open(testContext(t), pgtest.Bouncer(t, direct), postgres.Options{Migrate: true, DirectURL: direct})
+		if err != nil {
+			t.Fatalf("Open: %v", err)
+		}
+		t.Cleanup(func() { s.Close() })
+		return s
+	})
+}

@@ -21,6 +21,7 @@ const envPrefix = "USERAPI_"
 type config struct {
 	Addr      string
 	DB        string
+	DBDirect  string
 	DBPool    bool
 	PoolSize  int
 	DBTimeout time.Duration
@@ -59,6 +60,7 @@ type config struct {
 // dbFlags registers the flags every subcommand that opens the database needs.
 func (c *config) dbFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.DB, "db", "sqlite:userapi.db", "database URL: postgres://user@host:5432/db, mysql://user:pass@host:3306/db or sqlite:PATH")
+	fs.StringVar(&c.DBDirect, "db-direct", "", "PostgreSQL's own URL when --db goes through PgBouncer in transaction mode: migrations and the change stream use it (empty: --db)")
 	fs.BoolVar(&c.DBPool, "db-pool", true, "pool database connections (false opens one connection per query, for comparison)")
 	fs.IntVar(&c.PoolSize, "pool-size", 0, "maximum pooled database connections (0: the store's default for this machine)")
 	// 2s: a loaded pool answers in milliseconds; a dead database must turn

@@ -48,6 +48,7 @@ func openStore(ctx context.Context, c *config, migrate bool) (userapi.Store, err
 			NoPool:       !c.DBPool,
 			Migrate:      migrate,
 			ChangeSlot:   c.ChangeSlot,
+			DirectURL:    c.DBDirect,
 		})
 	case "mysql":
 		return mysql.Open(ctx, c.DB, mysql.Options{

@@ -7,12 +7,18 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/url"
 	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"userapi/internal/testenv"
 )
 
 // Env names the variable with the server's URL.
@@ -122,4 +128,105 @@ func parse(tb testing.TB, base string) *url.URL {
 		tb.Fatalf("%s: %v", Env, err)
 	}
 	return u
+}
+
+// BouncerEnv names the variable with the path of the pgbouncer binary, for
+// the tests that run the stores through PgBouncer in transaction mode.
+const BouncerEnv = "USERAPI_TEST_PGBOUNCER"
+
+// Bouncer starts a pgbouncer of the test's own, in transaction pooling mode,
+// in front of the server of dbURL, and returns dbURL rewritten to go through
+// it. (A store opened on it needs postgres.Options.DirectURL, or a query mode
+// without named prepared statements in the URL.) The process is stopped at
+// cleanup. It skips the
+// test when the variable is unset and fails it when pgbouncer cannot start.
+func Bouncer(tb testing.TB, dbURL string) string {
+	tb.Helper()
+	bin := os.Getenv(BouncerEnv)
+	if bin == "" {
+		tb.Skipf("%s is not set; set it to the pgbouncer binary (e.g. /usr/sbin/pgbouncer) to run the tests through PgBouncer", BouncerEnv)
+	}
+	if _, err := exec.LookPath(bin); err != nil {
+		tb.Fatalf("%s=%s: %v", BouncerEnv, bin, err)
+	}
+	up := parse(tb, dbURL)
+	// pgbouncer refuses to run as root; as another user it needs a
+	// directory it can write its log to, outside the test's private
+	// temporary directory.
+	dir, err := os.MkdirTemp("", "pgbouncer")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o777); err != nil {
+		tb.Fatal(err)
+	}
+	port := testenv.FreePorts(tb, 1)[0]
+	ini := fmt.Sprintf(`[databases]
+* = host=%s port=%s
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = %d
+unix_socket_dir =
+auth_type = trust
+auth_file = %s/users.txt
+pool_mode = transaction
+default_pool_size = 8
+max_client_conn = 500
+logfile = %s/pgbouncer.log
+`, up.Hostname(), up.Port(), port, dir, dir)
+	write := func(name, text string) {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(text), 0o644); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	write("pgbouncer.ini", ini)
+	write("users.txt", fmt.Sprintf("%q \"\"\n", up.User.Username()))
+	args := []string{filepath.Join(dir, "pgbouncer.ini")}
+	if os.Geteuid() == 0 {
+		args = append([]string{"-u", unprivileged()}, args...)
+	}
+	cmd := exec.Command(bin, args...)
+	out, err := os.Create(filepath.Join(dir, "stderr"))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		tb.Fatalf("start pgbouncer: %v", err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	tb.Cleanup(func() {
+		cmd.Process.Kill()
+		<-exited
+	})
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			break
+		}
+		select {
+		case <-exited:
+			log, _ := os.ReadFile(filepath.Join(dir, "pgbouncer.log"))
+			msg, _ := os.ReadFile(filepath.Join(dir, "stderr"))
+			tb.Fatalf("pgbouncer exited: %s%s", msg, log)
+		default:
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("pgbouncer is not listening on %s after 10s", addr)
+		}
+	}
+	u := *up
+	u.Host = addr
+	return u.String()
+}
+
+// unprivileged names a user pgbouncer may run as when started by root.
+func unprivileged() string {
+	if _, err := user.Lookup("postgres"); err == nil {
+		return "postgres"
+	}
+	return "nobody"
 }
