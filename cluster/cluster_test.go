@@ -100,7 +100,7 @@ func TestRollingRestartUnderLoad(t *testing.T) {
 	c := startCluster(t, 3)
 	l := newLoad(t, c.url, loadWorkers, loadUsers)
 	stop := l.start(loadPace)
-	for i := range c.ports {
+	for i := range c.addrs {
 		time.Sleep(500 * time.Millisecond)
 		if err := c.script("restart", strconv.Itoa(i+1)); err != nil {
 			stop()
@@ -210,7 +210,7 @@ func TestForwardedHeaders(t *testing.T) {
 		if resp := get(direct, c.instanceURL(1)+"/metrics", nil); resp.StatusCode != 404 {
 			t.Errorf("GET /metrics on an instance's public listener: %d, want 404", resp.StatusCode)
 		}
-		resp, err := direct.Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", c.debugPorts[0]))
+		resp, err := direct.Get("http://" + c.debugAddrs[0] + "/metrics")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -320,9 +320,9 @@ func checkCaches(t *testing.T, c *cluster, l *load) {
 		}
 		// One reader per instance.
 		users := l.users()
-		perInstance := make([][]string, len(c.ports))
+		perInstance := make([][]string, len(c.addrs))
 		var wg sync.WaitGroup
-		for i := range c.ports {
+		for i := range c.addrs {
 			wg.Go(func() {
 				base := c.instanceURL(i + 1)
 				for _, u := range users {
@@ -337,9 +337,9 @@ func checkCaches(t *testing.T, c *cluster, l *load) {
 		for _, b := range perInstance {
 			bad = append(bad, b...)
 		}
-		checked := len(users) * len(c.ports)
+		checked := len(users) * len(c.addrs)
 		if len(bad) == 0 {
-			t.Logf("caches: %d reads on %d instances all match the database", checked, len(c.ports))
+			t.Logf("caches: %d reads on %d instances all match the database", checked, len(c.addrs))
 			return
 		}
 		if time.Now().After(deadline) {

@@ -153,9 +153,9 @@ func randomHex(n int) string {
 type cluster struct {
 	t          *testing.T
 	dir        string
-	url        string // nginx
-	ports      []int  // instance i+1 listens on ports[i]
-	debugPorts []int
+	url        string   // nginx
+	addrs      []string // instance i+1 listens on addrs[i]
+	debugAddrs []string
 	db         *pgxpool.Pool
 }
 
@@ -170,12 +170,18 @@ func startCluster(t *testing.T, n int, serveFlags ...string) *cluster {
 	bin := userapiBinary(t)
 	ports := freePorts(t, 1+2*n)
 	c := &cluster{
-		t:          t,
-		dir:        t.TempDir(),
-		url:        fmt.Sprintf("http://127.0.0.1:%d", ports[0]),
-		ports:      ports[1 : 1+n],
-		debugPorts: ports[1+n:],
-		db:         pool,
+		t:   t,
+		dir: t.TempDir(),
+		url: fmt.Sprintf("http://127.0.0.1:%d", ports[0]),
+		db:  pool,
+	}
+	// Each instance on a loopback address of its own (127.0.0.2, .3, …),
+	// standing in for a host of its own: nginx reaches them over addresses
+	// other than its own, as it would across a network.
+	for i := range n {
+		host := fmt.Sprintf("127.0.0.%d", 2+i)
+		c.addrs = append(c.addrs, fmt.Sprintf("%s:%d", host, ports[1+i]))
+		c.debugAddrs = append(c.debugAddrs, fmt.Sprintf("%s:%d", host, ports[1+n+i]))
 	}
 	args := []string{"up", strconv.Itoa(n),
 		"--bin", bin,
@@ -183,8 +189,8 @@ func startCluster(t *testing.T, n int, serveFlags ...string) *cluster {
 		"--redis", redis,
 		"--cache", "tiered",
 		"--port", strconv.Itoa(ports[0]),
-		"--ports", joinInts(c.ports),
-		"--debug-ports", joinInts(c.debugPorts),
+		"--ports", strings.Join(c.addrs, ","),
+		"--debug-ports", strings.Join(c.debugAddrs, ","),
 	}
 	if nginx := os.Getenv("USERAPI_TEST_NGINX"); nginx != "" {
 		args = append(args, "--nginx", nginx)
@@ -202,10 +208,10 @@ func startCluster(t *testing.T, n int, serveFlags ...string) *cluster {
 			t.Errorf("scripts/cluster down: %v", err)
 		}
 		// down stops everything up started: nothing listens any more.
-		for _, p := range ports {
-			if conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", p), time.Second); err == nil {
+		for _, a := range append([]string{strings.TrimPrefix(c.url, "http://")}, append(c.addrs, c.debugAddrs...)...) {
+			if conn, err := net.DialTimeout("tcp", a, time.Second); err == nil {
 				conn.Close()
-				t.Errorf("port %d still accepts connections after scripts/cluster down", p)
+				t.Errorf("%s still accepts connections after scripts/cluster down", a)
 			}
 		}
 	})
@@ -261,15 +267,7 @@ func (c *cluster) dumpLogs() {
 
 // instanceURL is the base URL of instance i (from 1), bypassing nginx.
 func (c *cluster) instanceURL(i int) string {
-	return fmt.Sprintf("http://127.0.0.1:%d", c.ports[i-1])
-}
-
-func joinInts(xs []int) string {
-	s := make([]string, len(xs))
-	for i, x := range xs {
-		s[i] = strconv.Itoa(x)
-	}
-	return strings.Join(s, ",")
+	return "http://" + c.addrs[i-1]
 }
 
 // newClient returns a keep-alive HTTP client. Its timeout is above nginx's
