@@ -20,12 +20,15 @@ var _ userapi.ChangeFeed = (*Store)(nil)
 // one instance at a time leads, reads the oldest rows, applies them and
 // deletes exactly those. docs/stores.md describes it.
 
-// leaseWait is how long one GET_LOCK waits for the lead. The lock is the
-// leader lease: MariaDB grants a named lock to one session at a time, frees
-// it when that session ends, and hands it to a waiting session at once, so
-// a standby takes over as soon as the server notices the leader gone. The
-// wait only bounds how long a standby goes without checking its context.
-const leaseWait = time.Second
+// leaseRetry is how often a follower asks for the lead while another one
+// holds it. The lead is a named lock (GET_LOCK): MariaDB grants it to one
+// session at a time and frees it as soon as that session ends, so a standby
+// takes over within this interval of a crash the server notices (a closed
+// socket). Asking again rather than waiting in GET_LOCK gives a leader
+// whose apply failed (Redis timed out, say) the time of its own retry to
+// lead again, as the PostgreSQL stream's slot does, instead of moving the
+// lead at every hiccup.
+const leaseRetry = 250 * time.Millisecond
 
 // leaderIdle is the wait_timeout of the follower's session: the server ends
 // a session idle this long and frees its lock. A leader reads every 25 ms,
@@ -38,7 +41,7 @@ const leaderIdle = 10 * time.Second
 var changeTriggers = []string{"users_move_version", "users_changes_insert", "users_changes_update", "users_changes_delete"}
 
 // FollowChanges implements userapi.ChangeFeed by following the user_changes
-// table. It waits for the lead (a GET_LOCK on a connection of its own) and
+// table. It waits for the lead (GET_LOCK on a connection of its own) and
 // then reads the table until ctx ends or something fails. It fails at once
 // when the triggers that write the table are missing.
 func (s *Store) FollowChanges(ctx context.Context, apply func(context.Context, []userapi.Change) error, missed func(context.Context) error) error {
@@ -134,12 +137,18 @@ func (s *Store) lead(ctx context.Context) (*sql.Conn, func(), error) {
 	}
 	for {
 		var got sql.NullInt64
-		err := conn.QueryRowContext(ctx, `SELECT GET_LOCK(?, ?)`, lockName(s.cfg.DBName), int(leaseWait/time.Second)).Scan(&got)
+		err := conn.QueryRowContext(ctx, `SELECT GET_LOCK(?, 0)`, lockName(s.cfg.DBName)).Scan(&got)
 		if err != nil {
 			return fail(err)
 		}
 		if got.Int64 == 1 {
 			return conn, done, nil
+		}
+		select {
+		case <-ctx.Done():
+			done()
+			return nil, nil, ctx.Err()
+		case <-time.After(leaseRetry):
 		}
 	}
 }
