@@ -311,8 +311,15 @@ func testOutsideWrites(t *testing.T, fd feedDB) {
 	if maxd > time.Second {
 		t.Errorf("max %v: above the 1 s bound", maxd)
 	}
-	if n := leading(inst...); n != 1 {
-		t.Errorf("%d instances applied changes, want exactly one leader", n)
+	// One leader, unless the lead passed on when a leader's stream failed
+	// (a Redis timeout on a loaded machine): each interruption may hand it
+	// to another instance, which is correct.
+	interrupted := 0
+	for _, c := range inst {
+		interrupted += int(value(c.m.changesInterrupted))
+	}
+	if n := leading(inst...); n < 1 || n > 1+interrupted {
+		t.Errorf("%d instances applied changes after %d interruptions, want one leader (plus at most one per interruption)", n, interrupted)
 	}
 	for _, c := range inst {
 		for _, id := range ids {
