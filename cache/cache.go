@@ -772,6 +772,7 @@ func (s *Store) followChanges(feed userapi.ChangeFeed) {
 		if s.ctx.Err() != nil {
 			return
 		}
+		s.m.changesInterrupted.Inc()
 		if msg := fmt.Sprint(err); msg != lastErr {
 			s.log.Warn("change stream interrupted, retrying", "err", err)
 			lastErr = msg

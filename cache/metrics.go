@@ -28,6 +28,7 @@ type metrics struct {
 	intentsSent, intentsReceived    prometheus.Counter
 
 	changesApplied, changesMissed prometheus.Counter
+	changesInterrupted            prometheus.Counter
 	changeLag                     prometheus.Histogram
 }
 
@@ -86,6 +87,10 @@ func newMetrics() *metrics {
 			Name: "userapi_change_stream_missed_total",
 			Help: "Times the change stream may have lost changes (a new slot, a truncate, a pruned change table) and every tier started afresh.",
 		}),
+		changesInterrupted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "userapi_change_stream_interruptions_total",
+			Help: "Times following the change stream failed (an apply Redis did not take, a database error) and was retried; the lead may pass to another instance meanwhile.",
+		}),
 		changeLag: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "userapi_change_stream_lag_seconds",
 			Help:    "From a change's commit (the database's clock) to its invalidation applied in every tier.",
@@ -129,7 +134,7 @@ func (m *metrics) register(s *Store, reg prometheus.Registerer) {
 	}
 	reg.MustRegister(m.lookups, m.fills, m.coalesced, m.batchSize, m.loads, m.loadErrors,
 		m.invSent, m.invReceived, m.invFailed, m.intentsSent, m.intentsReceived,
-		m.changesApplied, m.changesMissed, m.changeLag)
+		m.changesApplied, m.changesMissed, m.changesInterrupted, m.changeLag)
 	if s.redis != nil {
 		reg.MustRegister(m.breakerState, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "userapi_cache_invalidations_pending",

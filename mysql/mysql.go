@@ -126,6 +126,9 @@ type Store struct {
 	timeout time.Duration
 	stmts   sync.Map    // SQL text → kept *sql.Stmt (stmt.go)
 	txKept  atomic.Bool // every one of txStatements is in stmts
+
+	cfg           *mysql.Config // the change stream's connection is made from it
+	changeBacklog atomic.Int64  // rows of user_changes the change stream has not applied
 }
 
 // Open connects to the database at url (mysql://user:pass@host:3306/db?params)
@@ -165,7 +168,7 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("open mysql: %w", err)
 	}
-	s := &Store{db: db, schema: schema, timeout: opts.QueryTimeout}
+	s := &Store{db: db, schema: schema, timeout: opts.QueryTimeout, cfg: cfg}
 	if err := s.Ping(ctx); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("open mysql: %w", err)

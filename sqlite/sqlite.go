@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/ncruces/go-sqlite3"
@@ -82,6 +83,9 @@ type Store struct {
 	maxVars       int   // SQLite's limit on bound parameters per statement
 
 	getUser *sql.Stmt // on reader; the hot path, prepared once per connection
+
+	path          string       // the database file; the change stream's lock file is beside it
+	changeBacklog atomic.Int64 // rows of user_changes the change stream has not applied
 }
 
 // Open opens (creating the file and its directory if needed) the database
@@ -99,7 +103,7 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 	if opts.QueryTimeout <= 0 {
 		opts.QueryTimeout = DefaultQueryTimeout
 	}
-	s := &Store{timeout: opts.QueryTimeout}
+	s := &Store{timeout: opts.QueryTimeout, path: path}
 	if err := s.open(ctx, path, opts); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("open sqlite %s: %w", path, err)

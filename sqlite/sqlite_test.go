@@ -345,13 +345,21 @@ func TestRegisterMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := map[string]float64{} // "name pool" → value
+	backlog := false
 	for _, f := range families {
+		if f.GetName() == "userapi_change_stream_backlog_rows" {
+			backlog = true
+			continue
+		}
 		for _, m := range f.GetMetric() {
 			if len(m.GetLabel()) == 0 || m.GetLabel()[0].GetName() != "pool" {
 				t.Fatalf("%s labels = %v, want pool first", f.GetName(), m.GetLabel())
 			}
 			got[f.GetName()+" "+m.GetLabel()[0].GetValue()] += m.GetGauge().GetValue() + m.GetCounter().GetValue()
 		}
+	}
+	if !backlog {
+		t.Error("no userapi_change_stream_backlog_rows")
 	}
 	if len(got) != 14 {
 		t.Errorf("gathered %d metric × pool pairs, want 7 metrics × 2 pools: %v", len(got), got)

@@ -15,6 +15,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"userapi"
+	"userapi/sqlite"
 )
 
 // syncBuffer collects a running service's log output.
@@ -272,5 +275,51 @@ func TestReadyzBeforeDatabase(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("service did not stop while waiting for the database")
+	}
+}
+
+// TestServeSQLiteOutsideWrite: with the default flags, a write made by
+// another process on the SQLite file reaches the instance's cache through
+// the change stream, well before the cache's TTL.
+func TestServeSQLiteOutsideWrite(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "outside.db")
+	base, logs, _ := startService(t, nil, "--db", "sqlite:"+path)
+	resp, err := http.Post(base+"/users", "application/json", strings.NewReader(`{"email":"out@example.com","name":"Before"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var created struct{ ID int64 }
+	json.NewDecoder(resp.Body).Decode(&created)
+	resp.Body.Close()
+	get := func() string {
+		resp, err := http.Get(fmt.Sprintf("%s/users/%d", base, created.ID))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return string(b)
+	}
+	get()
+	get() // cached now
+
+	other, err := sqlite.Open(context.Background(), "sqlite:"+path, sqlite.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	name := "After"
+	if _, err := other.UpdateUser(context.Background(), created.ID, userapi.UserUpdate{Name: &name}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !strings.Contains(get(), `"name":"After"`) {
+		if time.Now().After(deadline) {
+			t.Fatalf("still served %s 5 s after another process's write\n%s", get(), logs)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !strings.Contains(logs.String(), "change stream on") {
+		t.Errorf("no start-up message for the change stream:\n%s", logs)
 	}
 }

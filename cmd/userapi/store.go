@@ -164,12 +164,20 @@ func changeFeed(ctx context.Context, c *config, s userapi.Store, mode string, lo
 	}
 	switch {
 	case err == nil:
+		log.Info("change stream on: writes made outside the service invalidate the cache", "db", kindOf(c), "via", feedKind[kindOf(c)])
 		return feed, nil
 	case c.ChangeStream == "on":
 		return nil, fmt.Errorf("--change-stream on: %w", err)
 	}
 	log.Warn("change stream off: writes made outside the service reach the cache only when entries expire (--cache-ttl)", "reason", err)
 	return nil, nil
+}
+
+// feedKind says how each store streams its changes.
+var feedKind = map[string]string{
+	"postgres": "logical replication",
+	"mysql":    "the user_changes table (triggers)",
+	"sqlite":   "the user_changes table (triggers)",
 }
 
 func kindOf(c *config) string {
