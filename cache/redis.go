@@ -184,6 +184,8 @@ type redisTier struct {
 	npending   atomic.Int64
 	overflowed atomic.Bool // pending hit PendingMax: drop the namespace
 
+	fills chan fillJob // the loader's fills, for filler
+
 	beat     chan struct{} // our own heartbeat came back
 	lastBeat atomic.Int64  // unix nanoseconds
 
@@ -213,6 +215,7 @@ func newRedisTier(s *Store, client rueidis.Client, opt *rueidis.ClientOption) *r
 		pending: make(map[int64]int64),
 		wake:    make(chan struct{}, 1),
 		beat:    make(chan struct{}, 1),
+		fills:   make(chan fillJob, fillQueueLen),
 	}
 	sum := sha1.Sum([]byte(fillScript))
 	r.fillSHA = hex.EncodeToString(sum[:])
@@ -254,6 +257,7 @@ func breakerGauge(st circuitbreaker.State) float64 {
 func (r *redisTier) start() {
 	r.recover()
 	r.s.wg.Go(r.maintain)
+	r.s.wg.Go(r.filler)
 	if r.channel == "" {
 		return
 	}
@@ -343,42 +347,70 @@ func (r *redisTier) get(ctx context.Context, id int64) (*entry, error) {
 // getWithin is get with its own deadline (tests inspect Redis with one
 // that a loaded machine cannot miss).
 func (r *redisTier) getWithin(ctx context.Context, id int64, d time.Duration) (*entry, error) {
-	c := r.client()
-	ctx, cancel := context.WithTimeout(ctx, d)
-	k := r.key(id)
-	res := c.DoMulti(ctx, c.B().Get().Key(k).Build(), c.B().Pttl().Key(k).Build())
-	cancel()
-	b, err := res[0].AsBytes()
+	res, err := r.getMany(ctx, []int64{id}, d)
 	if err != nil {
-		if rueidis.IsRedisNil(err) {
-			r.succeeded()
-			return nil, nil
-		}
-		r.failed(err)
-		return nil, fmt.Errorf("redis get %d: %w", id, err)
+		return nil, err
 	}
-	ms, err := res[1].AsInt64()
-	if err != nil {
-		r.failed(err)
-		return nil, fmt.Errorf("redis pttl %d: %w", id, err)
+	return res[0].e, res[0].err
+}
+
+// lookup is one id's answer from Redis: its entry (nil when Redis has
+// none), or err when the value cannot be read (not one of ours).
+type lookup struct {
+	e   *entry
+	err error
+}
+
+// getMany reads the entries of ids with their remaining lifetimes (as get
+// does), all in one pipelined round trip with deadline d: a GET and a PTTL
+// per id, which rueidis writes to the connection together. It fails as a
+// whole when the round trip does (one failure for the breaker, not one per
+// id). Single-key commands, not MGET or a script over all keys, so that
+// each command names one key.
+func (r *redisTier) getMany(ctx context.Context, ids []int64, d time.Duration) ([]lookup, error) {
+	c := r.client()
+	cmds := make(rueidis.Commands, 0, 2*len(ids))
+	for _, id := range ids {
+		k := r.key(id)
+		cmds = append(cmds, c.B().Get().Key(k).Build(), c.B().Pttl().Key(k).Build())
+	}
+	ctx, cancel := context.WithTimeout(ctx, d)
+	res := c.DoMulti(ctx, cmds...)
+	cancel()
+	out := make([]lookup, len(ids))
+	for i, id := range ids {
+		b, err := res[2*i].AsBytes()
+		if rueidis.IsRedisNil(err) {
+			continue
+		}
+		var ms int64
+		if err == nil {
+			ms, err = res[2*i+1].AsInt64()
+		}
+		if err != nil {
+			r.failed(err)
+			return nil, fmt.Errorf("redis get %d: %w", id, err)
+		}
+		e, err := decodeEntry(b)
+		if err != nil {
+			out[i].err = fmt.Errorf("redis get %d: %w", id, err)
+			continue
+		}
+		switch {
+		case ms > 0:
+			e.ttl = min(r.s.cfg.TTL, time.Duration(ms)*time.Millisecond)
+		case ms == -1:
+			// No expiry: not one of ours (every fill sets one); the TTL bounds it.
+			e.ttl = r.s.cfg.TTL
+		default:
+			// Expired since the GET. Never zero: the local tier keeps an
+			// entry with a zero lifetime forever.
+			e.ttl = time.Millisecond
+		}
+		out[i].e = e
 	}
 	r.succeeded()
-	e, err := decodeEntry(b)
-	if err != nil {
-		return nil, fmt.Errorf("redis get %d: %w", id, err)
-	}
-	switch {
-	case ms > 0:
-		e.ttl = min(r.s.cfg.TTL, time.Duration(ms)*time.Millisecond)
-	case ms == -1:
-		// No expiry: not one of ours (every fill sets one); the TTL bounds it.
-		e.ttl = r.s.cfg.TTL
-	default:
-		// Expired since the GET. Never zero: the local tier keeps an entry
-		// with a zero lifetime forever.
-		e.ttl = time.Millisecond
-	}
-	return e, nil
+	return out, nil
 }
 
 func encodeEntry(e *entry) string {
@@ -490,6 +522,80 @@ func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry, hea
 		r.failed(failure)
 	} else {
 		r.succeeded()
+	}
+}
+
+// fillJob is one batch's Redis fill, queued for the filler: the entries
+// (already installed locally) with the tier's health when their read began
+// and the time it began.
+type fillJob struct {
+	ids     []int64
+	entries []*entry
+	health  uint64
+	at      time.Time
+}
+
+// fillQueueLen bounds the fills waiting for the filler: each is one batch,
+// and the filler takes all that are waiting at once, so the queue fills up
+// only while Redis is slow; fills beyond it are dropped (the ids are loaded
+// again by their next miss).
+const fillQueueLen = 256
+
+// maxFillMerge bounds the ids of one merged fill round trip.
+const maxFillMerge = 512
+
+// fillLater queues a fill for the filler, so that the callers of the batch,
+// already answered from the local tier, do not wait for Redis. It never
+// blocks. The checks of fill apply when it is sent, against the read's
+// health and start time: a fill that waited is as guarded as one that did
+// not.
+func (r *redisTier) fillLater(j fillJob) {
+	select {
+	case r.fills <- j:
+	default:
+		r.s.m.fillRedisSkipped.Add(float64(len(j.ids)))
+	}
+}
+
+// filler sends the queued fills until Close, each round trip merging every
+// fill that queued while the previous one ran.
+func (r *redisTier) filler() {
+	ids := make([]int64, 0, maxFillMerge)
+	entries := make([]*entry, 0, maxFillMerge)
+	for {
+		var j fillJob
+		select {
+		case <-r.s.ctx.Done():
+			return
+		case j = <-r.fills:
+		}
+		ids, entries = ids[:0], entries[:0]
+		health := r.health.Load()
+	merge:
+		for {
+			switch {
+			case j.health != health:
+				// Redis was unusable or moved generation since the
+				// read; fill would skip it too.
+				r.s.m.fillRedisSkipped.Add(float64(len(j.ids)))
+			case time.Since(j.at) > r.s.cfg.TombstoneTTL/2:
+				r.s.m.fillLate.Add(float64(len(j.ids)))
+			default:
+				ids = append(ids, j.ids...)
+				entries = append(entries, j.entries...)
+			}
+			if len(ids) >= maxFillMerge {
+				break merge
+			}
+			select {
+			case j = <-r.fills:
+			default:
+				break merge
+			}
+		}
+		if len(ids) > 0 {
+			r.fill(r.s.ctx, ids, entries, health)
+		}
 	}
 }
 
