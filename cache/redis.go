@@ -30,32 +30,46 @@ import (
 // rule as admit. Versions are compared as Lua numbers (doubles): exact up to
 // 2^53, and poisonVersion is a power of two.
 
-// fillScript installs a fill unless the key holds something that rejects it,
-// or Redis is not the one the filler last probed: a Redis restarted empty
-// has lost the tombstones that would reject a fill whose read began before
-// the restart, and no instance has moved to a new generation yet.
-// KEYS[1] key; KEYS[2] the run id marker (see probeScript); ARGV[1] the
-// value; ARGV[2] its version; ARGV[3] TTL in ms; ARGV[4] the run id the
-// filler last probed.
-// Returns 1 installed, 0 stale, 2 unchanged, 3 another Redis.
+// fillScript installs fills, each unless its key holds something that
+// rejects it, and none unless Redis is the one the filler last probed: a
+// Redis restarted empty has lost the tombstones that would reject a fill
+// whose read began before the restart, and no instance has moved to a new
+// generation yet. One call fills a whole batch: a script call costs Redis
+// far more than the few commands it runs for one key.
+// KEYS[1] the run id marker (see probeScript); KEYS[2..] the keys.
+// ARGV[1] the run id the filler last probed; then for each key its value,
+// the value's version and its TTL in ms.
+// Returns one result per key: 1 installed, 0 stale, 2 unchanged, 3 another
+// Redis.
 const fillScript = `
-if redis.call('GET', KEYS[2]) ~= ARGV[4] then return 3 end
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local k = string.sub(cur, 1, 1)
-  local sep = string.find(cur, '|', 2, true)
-  local cv = tonumber(string.sub(cur, 2, sep - 1))
-  local v = tonumber(ARGV[2])
-  if k == 'w' then return 0 end
-  if string.sub(ARGV[1], 1, 1) == 'n' then
-    if k == 'n' then return 2 end
-    return 0
-  end
-  if k == 'v' and cv == v then return 2 end
-  if k ~= 'n' and v < cv then return 0 end
+local res = {}
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  for i = 2, #KEYS do res[i - 1] = 3 end
+  return res
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-return 1
+local function fill(key, val, ver, ttl)
+  local cur = redis.call('GET', key)
+  if cur then
+    local k = string.sub(cur, 1, 1)
+    local sep = string.find(cur, '|', 2, true)
+    local cv = tonumber(string.sub(cur, 2, sep - 1))
+    local v = tonumber(ver)
+    if k == 'w' then return 0 end
+    if string.sub(val, 1, 1) == 'n' then
+      if k == 'n' then return 2 end
+      return 0
+    end
+    if k == 'v' and cv == v then return 2 end
+    if k ~= 'n' and v < cv then return 0 end
+  end
+  redis.call('SET', key, val, 'PX', ttl)
+  return 1
+end
+for i = 2, #KEYS do
+  local a = 3 * i - 4
+  res[i - 1] = fill(KEYS[i], ARGV[a], ARGV[a + 1], ARGV[a + 2])
+end
+return res
 `
 
 // invalidateScript installs a write's tombstone unless the key already
@@ -161,13 +175,13 @@ type redisTier struct {
 	keys    atomic.Pointer[string] // key prefix of the current generation
 	nonce   string                 // tells our heartbeats from others'
 
-	fill1, inval, intent, probe, newGen *rueidis.Lua
-	fillSHA                             string
-	runID                               atomic.Pointer[string] // Redis's run id at the last probe
-	policyErr                           error                  // probeNow's own: runID's eviction policy is unsafe
-	probeMu                             sync.Mutex             // one probe at a time
-	subscribed                          atomic.Bool            // the notice channel is subscribed and heard
-	gateMu                              sync.Mutex             // orders refreshGate's transitions
+	fillLua, inval, intent, probe, newGen *rueidis.Lua
+	fillSHA                               string
+	runID                                 atomic.Pointer[string] // Redis's run id at the last probe
+	policyErr                             error                  // probeNow's own: runID's eviction policy is unsafe
+	probeMu                               sync.Mutex             // one probe at a time
+	subscribed                            atomic.Bool            // the notice channel is subscribed and heard
+	gateMu                                sync.Mutex             // orders refreshGate's transitions
 
 	cb circuitbreaker.CircuitBreaker[any]
 	// health goes up by one at every change of usability and is odd while
@@ -207,7 +221,7 @@ func newRedisTier(s *Store, client rueidis.Client, opt *rueidis.ClientOption) *r
 		runKey:  p + "run",
 		probeK:  p + "probe",
 		nonce:   strconv.FormatUint(rand.Uint64(), 36),
-		fill1:   rueidis.NewLuaScript(fillScript),
+		fillLua: rueidis.NewLuaScript(fillScript),
 		inval:   rueidis.NewLuaScript(invalidateScript),
 		intent:  rueidis.NewLuaScript(intentScript),
 		probe:   rueidis.NewLuaScript(probeScript),
@@ -458,8 +472,9 @@ func decodeEntry(b []byte) (*entry, error) {
 	return e, nil
 }
 
-// fill installs database results, each guarded by fillScript, in one
-// pipelined round trip. health is the tier's health when the read began.
+// fill installs database results, guarded by fillScript, in one
+// pipelined round trip of one script call per fillChunk ids. health is the
+// tier's health when the read began.
 func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry, health uint64) {
 	m := r.s.m
 	if r.health.Load() != health || health&1 == 0 {
@@ -471,51 +486,63 @@ func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry, hea
 		m.fillRedisSkipped.Add(float64(len(ids)))
 		return
 	}
-	c := r.client()
-	fillArgs := func(i int) []string {
-		e := entries[i]
-		return []string{encodeEntry(e), strconv.FormatInt(e.version, 10), strconv.FormatInt(e.ttl.Milliseconds(), 10), *run}
-	}
-	cmds := make(rueidis.Commands, 0, len(ids))
-	idx := make([]int, 0, len(ids))
+	var calls []fillCall
+	var call fillCall
 	for i, id := range ids {
 		if !r.readable(id) {
 			m.fillRedisSkipped.Inc()
 			continue
 		}
-		cmds = append(cmds, c.B().Evalsha().Sha1(r.fillSHA).Numkeys(2).Key(r.key(id), r.runKey).Arg(fillArgs(i)...).Build())
-		idx = append(idx, i)
+		if len(call.keys) == 0 {
+			call = fillCall{keys: []string{r.runKey}, args: []string{*run}}
+		}
+		call.add(r.key(id), entries[i])
+		if len(call.keys) > fillChunk {
+			calls = append(calls, call)
+			call = fillCall{}
+		}
 	}
-	if len(cmds) == 0 {
+	if len(call.keys) > 0 {
+		calls = append(calls, call)
+	}
+	if len(calls) == 0 {
 		return
+	}
+	c := r.client()
+	cmds := make(rueidis.Commands, len(calls))
+	for i, f := range calls {
+		cmds[i] = c.B().Evalsha().Sha1(r.fillSHA).Numkeys(int64(len(f.keys))).Key(f.keys...).Arg(f.args...).Build()
 	}
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	defer cancel()
 	res := c.DoMulti(ctx, cmds...)
 	var failure error // one failed round trip is one failure for the breaker
-	for j, rr := range res {
-		n, err := rr.AsInt64()
-		if err != nil {
-			if re, ok := rueidis.IsRedisErr(err); ok && re.IsNoScript() {
-				// Redis restarted and lost the script: Exec loads it.
-				i := idx[j]
-				n, err = r.fill1.Exec(ctx, c, []string{r.key(ids[i]), r.runKey}, fillArgs(i)).AsInt64()
-			}
+	for i, rr := range res {
+		vals, err := rr.ToArray()
+		if re, ok := rueidis.IsRedisErr(err); ok && re.IsNoScript() {
+			// Redis restarted and lost the script: Exec loads it.
+			vals, err = r.fillLua.Exec(ctx, c, calls[i].keys, calls[i].args).ToArray()
+		}
+		n := len(calls[i].keys) - 1
+		if err == nil && len(vals) != n {
+			err = fmt.Errorf("redis fill: %d results for %d keys", len(vals), n)
 		}
 		if err != nil {
-			m.redisError.Inc()
+			m.redisError.Add(float64(n))
 			failure = err
 			continue
 		}
-		switch n {
-		case 1:
-			m.fillRedisInstalled.Inc()
-		case 0:
-			m.fillRedisStale.Inc()
-		case 3:
-			m.fillRedisSkipped.Inc()
-		default:
-			m.fillRedisUnchanged.Inc()
+		for _, v := range vals {
+			switch got, _ := v.AsInt64(); got {
+			case 1:
+				m.fillRedisInstalled.Inc()
+			case 0:
+				m.fillRedisStale.Inc()
+			case 3:
+				m.fillRedisSkipped.Inc()
+			default:
+				m.fillRedisUnchanged.Inc()
+			}
 		}
 	}
 	if failure != nil {
@@ -523,6 +550,19 @@ func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry, hea
 	} else {
 		r.succeeded()
 	}
+}
+
+// fillChunk bounds the keys of one fillScript call: Redis runs a script
+// alone, and a hundred keys keep it to a fraction of a millisecond.
+const fillChunk = 100
+
+// fillCall is one fillScript call's keys and arguments.
+type fillCall struct{ keys, args []string }
+
+// add appends key's fill of e.
+func (f *fillCall) add(key string, e *entry) {
+	f.keys = append(f.keys, key)
+	f.args = append(f.args, encodeEntry(e), strconv.FormatInt(e.version, 10), strconv.FormatInt(e.ttl.Milliseconds(), 10))
 }
 
 // fillJob is one batch's Redis fill, queued for the filler: the entries
