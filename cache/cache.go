@@ -4,9 +4,10 @@
 // bytes, encoded once when the entry was filled, with no JSON work.
 //
 // The read path is local tier (otter, bounded by bytes) → Redis tier (rueidis,
-// short deadlines behind a circuit breaker) → loader, which coalesces
-// concurrent misses of one id into one load and batches misses of different
-// ids into one store.GetUsers call. Every write commits first, then installs a
+// short deadlines behind a circuit breaker) → database, through the loader,
+// which coalesces concurrent misses of one id into one load and batches
+// misses of different ids into one Redis round trip and one store.GetUsers
+// call. Every write commits first, then installs a
 // versioned tombstone locally and in Redis and notifies the other instances
 // before it returns; fills are guarded by version so a fill that read a row
 // before a write can never install it after the write. docs/cache.md describes

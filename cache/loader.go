@@ -12,9 +12,10 @@ import (
 	"userapi"
 )
 
-// loader turns misses into database reads: concurrent misses of one id
-// share one call (coalescing), and calls queued while the workers are busy
-// are loaded together by one store.GetUsers (batching).
+// loader turns misses of the local tier into reads: concurrent misses of
+// one id share one call (coalescing), and calls queued while the workers are
+// busy are answered together, by one Redis round trip and one
+// store.GetUsers for what Redis does not hold (batching).
 //
 // There is no batching delay: a worker that is free takes the first queued
 // call at once, yields so that handlers already runnable can queue theirs,
