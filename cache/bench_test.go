@@ -2,9 +2,14 @@ package cache
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
+	"runtime"
+	"sync/atomic"
+	"syscall"
 	"testing"
+	"time"
 
 	"userapi"
 )
@@ -66,3 +71,51 @@ func BenchmarkRedisHit(b *testing.B) { benchReads(b, Config{Mode: ModeRedis, Coa
 // BenchmarkMissCoalesced loads distinct ids through the loader (no tier
 // caches them), so concurrent misses are batched.
 func BenchmarkMissCoalesced(b *testing.B) { benchReads(b, Config{Mode: ModeOff, Coalesce: true}, 1000) }
+
+// BenchmarkMiss reads ids that no tier holds yet, from 64 goroutines (as
+// many as scripts/perf-tiered's connections): the miss path, with the
+// Redis lookup, the batched database read and the fills of both tiers in
+// the tiered mode. Every read is of a new id of missUsers seeded users,
+// and each run starts with a new, empty cache; beyond missUsers reads the
+// ids are absent, still misses, but cheaper ones.
+func BenchmarkMiss(b *testing.B) {
+	const missUsers = 200_000
+	db := newSQLite(b)
+	if err := db.(userapi.Seeder).SeedUsers(testContext(b), 1, missUsers, nil); err != nil {
+		b.Fatal(err)
+	}
+	for _, m := range []Mode{ModeLocal, ModeTiered} {
+		b.Run(string(m), func(b *testing.B) {
+			c := newCache(b, db, Config{Mode: m, Coalesce: true})
+			if m == ModeTiered && !c.state.up() {
+				b.Fatal("notice channel not up")
+			}
+			var next atomic.Int64
+			b.SetParallelism(64 / runtime.GOMAXPROCS(0))
+			b.ReportAllocs()
+			b.ResetTimer()
+			cpu := processCPU(b)
+			b.RunParallel(func(pb *testing.PB) {
+				ctx := context.Background()
+				for pb.Next() {
+					_, err := c.GetUserEncoded(ctx, next.Add(1))
+					if err != nil && !errors.Is(err, userapi.ErrNotFound) {
+						b.Fatal(err)
+					}
+				}
+			})
+			// The process's CPU time per read (SQLite's included, the same
+			// in both modes): on a shared machine steadier than ns/op.
+			b.ReportMetric(float64(processCPU(b)-cpu)/float64(b.N), "cpu-ns/op")
+		})
+	}
+}
+
+// processCPU is the CPU time (user and system) this process has used.
+func processCPU(tb testing.TB) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		tb.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}

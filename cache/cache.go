@@ -4,9 +4,10 @@
 // bytes, encoded once when the entry was filled, with no JSON work.
 //
 // The read path is local tier (otter, bounded by bytes) → Redis tier (rueidis,
-// short deadlines behind a circuit breaker) → loader, which coalesces
-// concurrent misses of one id into one load and batches misses of different
-// ids into one store.GetUsers call. Every write commits first, then installs a
+// short deadlines behind a circuit breaker) → database, through the loader,
+// which coalesces concurrent misses of one id into one load and batches
+// misses of different ids into one Redis round trip and one store.GetUsers
+// call. Every write commits first, then installs a
 // versioned tombstone locally and in Redis and notifies the other instances
 // before it returns; fills are guarded by version so a fill that read a row
 // before a write can never install it after the write. docs/cache.md describes
@@ -393,7 +394,9 @@ func (s *Store) GetUserEncoded(ctx context.Context, id int64) (userapi.Encoded, 
 			s.m.localBypass.Inc()
 		}
 	}
-	if s.redis != nil {
+	if s.redis != nil && s.loader == nil {
+		// Without the loader each miss asks Redis on its own; the loader
+		// asks for a whole batch of misses at once (lookupRedis).
 		if enc, found, err := s.redisLookup(ctx, id); err == nil {
 			if found {
 				return enc, nil
@@ -447,6 +450,66 @@ func (s *Store) redisLookup(ctx context.Context, id int64) (enc userapi.Encoded,
 
 var errRedisSkipped = errors.New("redis tier skipped")
 
+// lookupRedis is redisLookup for a batch of the loader's calls, in one
+// round trip: the calls Redis answers (a value or a cached absence) get
+// their result and are appended to hits, the others to rest. rs is the
+// moment before the lookup: a Redis entry's local copy is filled under its
+// epoch, as redisLookup fills under the epoch read before its GET.
+func (s *Store) lookupRedis(batch []*call, rs readStart, hits, rest []*call) ([]*call, []*call) {
+	r := s.redis
+	ask := make([]*call, 0, len(batch))
+	ids := make([]int64, 0, len(batch))
+	for _, c := range batch {
+		if !r.readable(c.id) {
+			s.m.redisSkip.Inc()
+			rest = append(rest, c)
+			continue
+		}
+		ask = append(ask, c)
+		ids = append(ids, c.id)
+	}
+	if len(ask) == 0 {
+		return hits, rest
+	}
+	res, err := r.getMany(s.ctx, ids, r.timeout)
+	if err != nil {
+		s.m.redisError.Add(float64(len(ask)))
+		return hits, append(rest, ask...)
+	}
+	for i, c := range ask {
+		e := res[i].e
+		switch {
+		case res[i].err != nil:
+			s.m.redisError.Inc()
+			rest = append(rest, c)
+			continue
+		case e == nil || e.kind.guards():
+			s.m.redisMiss.Inc()
+			rest = append(rest, c)
+			continue
+		}
+		if s.local != nil {
+			e.epoch = rs.state
+			if s.fillLocal(c.id, e, rs.at) == fillStale {
+				// The local tier knows of a newer write than Redis
+				// holds (see redisLookup): ask the database.
+				s.m.redisMiss.Inc()
+				rest = append(rest, c)
+				continue
+			}
+		}
+		if e.kind == kindAbsent {
+			s.m.redisNegHit.Inc()
+			c.err = userapi.ErrNotFound
+		} else {
+			s.m.redisHit.Inc()
+			c.enc = userapi.Encoded{ID: c.id, Version: e.version, JSON: e.json}
+		}
+		hits = append(hits, c)
+	}
+	return hits, rest
+}
+
 // load fetches id from the database, through the loader when coalescing,
 // and fills the tiers.
 func (s *Store) load(ctx context.Context, id int64) (userapi.Encoded, error) {
@@ -464,12 +527,12 @@ func (s *Store) load(ctx context.Context, id int64) (userapi.Encoded, error) {
 	u, err := s.store.GetUser(ctx, id)
 	if err != nil {
 		if errors.Is(err, userapi.ErrNotFound) {
-			s.fill([]loaded{{id: id}}, rs)
+			s.fill([]loaded{{id: id}}, rs, false)
 		}
 		return userapi.Encoded{}, err
 	}
 	enc := u.Encode()
-	s.fill([]loaded{{id: id, enc: &enc}}, rs)
+	s.fill([]loaded{{id: id, enc: &enc}}, rs, false)
 	return enc, nil
 }
 
@@ -544,7 +607,11 @@ func (s *Store) begin() readStart {
 // fill only if Redis has been usable throughout, and no fill is attempted
 // once the read is older than half the tombstone TTL, since a tombstone
 // that should reject it may have expired by then.
-func (s *Store) fill(rows []loaded, rs readStart) {
+//
+// The local tier is filled at once. With later, Redis is filled by the
+// Redis tier's filler goroutine (redisTier.fillLater), under the same
+// checks when it is sent, so the caller can answer its readers first.
+func (s *Store) fill(rows []loaded, rs readStart, later bool) {
 	if s.local == nil && s.redis == nil {
 		return
 	}
@@ -571,7 +638,11 @@ func (s *Store) fill(rows []loaded, rs readStart) {
 		for i, r := range rows {
 			ids[i] = r.id
 		}
-		s.redis.fill(s.ctx, ids, entries, rs.health)
+		if later {
+			s.redis.fillLater(fillJob{ids: ids, entries: entries, health: rs.health, at: start})
+		} else {
+			s.redis.fill(s.ctx, ids, entries, rs.health)
+		}
 	}
 }
 

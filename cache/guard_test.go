@@ -45,12 +45,13 @@ func TestGuardRulesAgree(t *testing.T) {
 				return verdict[l.fill(id, e, st)]
 			},
 			redis: func(key string) string {
-				n, err := r.fill1.Exec(testContext(t), r.client(), []string{key, r.runKey},
-					[]string{encodeEntry(e), fmt.Sprint(e.version), "60000", *r.runID.Load()}).AsInt64()
-				if err != nil {
-					t.Fatalf("%s: %v", name, err)
+				f := fillCall{keys: []string{r.runKey}, args: []string{*r.runID.Load()}}
+				f.add(key, e)
+				vals, err := r.fillLua.Exec(testContext(t), r.client(), f.keys, f.args).AsIntSlice()
+				if err != nil || len(vals) != 1 {
+					t.Fatalf("%s: %v, %v", name, vals, err)
 				}
-				return redisVerdict[n]
+				return redisVerdict[vals[0]]
 			},
 		}
 	}

@@ -12,9 +12,10 @@ import (
 	"userapi"
 )
 
-// loader turns misses into database reads: concurrent misses of one id
-// share one call (coalescing), and calls queued while the workers are busy
-// are loaded together by one store.GetUsers (batching).
+// loader turns misses of the local tier into reads: concurrent misses of
+// one id share one call (coalescing), and calls queued while the workers are
+// busy are answered together, by one Redis round trip and one
+// store.GetUsers for what Redis does not hold (batching).
 //
 // There is no batching delay: a worker that is free takes the first queued
 // call at once, yields so that handlers already runnable can queue theirs,
@@ -142,44 +143,61 @@ const minParallel = 16
 // behind it for the whole load timeout.
 const maxGatherWait = 5 * time.Millisecond
 
-// work takes batches (see take) and loads each with one store.GetUsers.
+// work takes batches (see take) and answers each: from Redis, when the
+// cache has a Redis tier, with one round trip for the whole batch; the
+// rest with one store.GetUsers. Each caller is woken as soon as its result
+// is known and in the local tier; a Redis fill of database results does not
+// hold them (see Store.fill).
 func (l *loader) work() {
 	batch := make([]*call, 0, l.maxBatch)
+	hits := make([]*call, 0, l.maxBatch)
+	rest := make([]*call, 0, l.maxBatch)
 	ids := make([]int64, 0, l.maxBatch)
 	for {
 		batch = l.take(batch[:0])
 		if batch == nil {
 			return
 		}
-		ids = ids[:0]
-		for _, c := range batch {
-			ids = append(ids, c.id)
-		}
-		l.s.m.batchSize.Observe(float64(len(batch)))
 		rs := l.s.begin()
-		ctx, cancel := context.WithTimeout(l.s.ctx, l.timeout)
-		users, err := l.s.store.GetUsers(ctx, ids)
-		cancel()
-		if err != nil {
-			l.s.m.loadErrors.Inc()
-			if errors.Is(err, context.Canceled) && l.s.ctx.Err() != nil {
-				err = errClosed
-			}
+		hits, rest = hits[:0], rest[:0]
+		if l.s.redis != nil {
+			hits, rest = l.s.lookupRedis(batch, rs, hits, rest)
+			l.complete(hits)
 		} else {
-			l.s.m.loads.Inc()
+			rest = append(rest, batch...)
 		}
-		// Fill before waking the callers, so that a read that follows a
-		// finished read finds the entry.
-		rows := setResults(batch, users, err)
-		if err == nil {
-			l.s.fill(rows, rs)
+		if len(rest) > 0 {
+			ids = ids[:0]
+			for _, c := range rest {
+				ids = append(ids, c.id)
+			}
+			l.s.m.batchSize.Observe(float64(len(rest)))
+			ctx, cancel := context.WithTimeout(l.s.ctx, l.timeout)
+			users, err := l.s.store.GetUsers(ctx, ids)
+			cancel()
+			if err != nil {
+				l.s.m.loadErrors.Inc()
+				if errors.Is(err, context.Canceled) && l.s.ctx.Err() != nil {
+					err = errClosed
+				}
+			} else {
+				l.s.m.loads.Inc()
+			}
+			// Fill the local tier before waking the callers, so that a
+			// read that follows a finished read finds the entry. Redis
+			// is filled after, by the filler; without a local tier the
+			// next read looks in Redis, so Redis is filled first.
+			rows := setResults(rest, users, err)
+			if err == nil {
+				l.s.fill(rows, rs, l.s.local != nil)
+			}
 		}
 		l.busy.Add(-1)
 		select {
 		case l.freed <- struct{}{}:
 		default: // a token is already there
 		}
-		l.complete(batch)
+		l.complete(rest)
 	}
 }
 

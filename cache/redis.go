@@ -30,32 +30,46 @@ import (
 // rule as admit. Versions are compared as Lua numbers (doubles): exact up to
 // 2^53, and poisonVersion is a power of two.
 
-// fillScript installs a fill unless the key holds something that rejects it,
-// or Redis is not the one the filler last probed: a Redis restarted empty
-// has lost the tombstones that would reject a fill whose read began before
-// the restart, and no instance has moved to a new generation yet.
-// KEYS[1] key; KEYS[2] the run id marker (see probeScript); ARGV[1] the
-// value; ARGV[2] its version; ARGV[3] TTL in ms; ARGV[4] the run id the
-// filler last probed.
-// Returns 1 installed, 0 stale, 2 unchanged, 3 another Redis.
+// fillScript installs fills, each unless its key holds something that
+// rejects it, and none unless Redis is the one the filler last probed: a
+// Redis restarted empty has lost the tombstones that would reject a fill
+// whose read began before the restart, and no instance has moved to a new
+// generation yet. One call fills a whole batch: a script call costs Redis
+// far more than the few commands it runs for one key.
+// KEYS[1] the run id marker (see probeScript); KEYS[2..] the keys.
+// ARGV[1] the run id the filler last probed; then for each key its value,
+// the value's version and its TTL in ms.
+// Returns one result per key: 1 installed, 0 stale, 2 unchanged, 3 another
+// Redis.
 const fillScript = `
-if redis.call('GET', KEYS[2]) ~= ARGV[4] then return 3 end
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local k = string.sub(cur, 1, 1)
-  local sep = string.find(cur, '|', 2, true)
-  local cv = tonumber(string.sub(cur, 2, sep - 1))
-  local v = tonumber(ARGV[2])
-  if k == 'w' then return 0 end
-  if string.sub(ARGV[1], 1, 1) == 'n' then
-    if k == 'n' then return 2 end
-    return 0
-  end
-  if k == 'v' and cv == v then return 2 end
-  if k ~= 'n' and v < cv then return 0 end
+local res = {}
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  for i = 2, #KEYS do res[i - 1] = 3 end
+  return res
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-return 1
+local function fill(key, val, ver, ttl)
+  local cur = redis.call('GET', key)
+  if cur then
+    local k = string.sub(cur, 1, 1)
+    local sep = string.find(cur, '|', 2, true)
+    local cv = tonumber(string.sub(cur, 2, sep - 1))
+    local v = tonumber(ver)
+    if k == 'w' then return 0 end
+    if string.sub(val, 1, 1) == 'n' then
+      if k == 'n' then return 2 end
+      return 0
+    end
+    if k == 'v' and cv == v then return 2 end
+    if k ~= 'n' and v < cv then return 0 end
+  end
+  redis.call('SET', key, val, 'PX', ttl)
+  return 1
+end
+for i = 2, #KEYS do
+  local a = 3 * i - 4
+  res[i - 1] = fill(KEYS[i], ARGV[a], ARGV[a + 1], ARGV[a + 2])
+end
+return res
 `
 
 // invalidateScript installs a write's tombstone unless the key already
@@ -161,13 +175,13 @@ type redisTier struct {
 	keys    atomic.Pointer[string] // key prefix of the current generation
 	nonce   string                 // tells our heartbeats from others'
 
-	fill1, inval, intent, probe, newGen *rueidis.Lua
-	fillSHA                             string
-	runID                               atomic.Pointer[string] // Redis's run id at the last probe
-	policyErr                           error                  // probeNow's own: runID's eviction policy is unsafe
-	probeMu                             sync.Mutex             // one probe at a time
-	subscribed                          atomic.Bool            // the notice channel is subscribed and heard
-	gateMu                              sync.Mutex             // orders refreshGate's transitions
+	fillLua, inval, intent, probe, newGen *rueidis.Lua
+	fillSHA                               string
+	runID                                 atomic.Pointer[string] // Redis's run id at the last probe
+	policyErr                             error                  // probeNow's own: runID's eviction policy is unsafe
+	probeMu                               sync.Mutex             // one probe at a time
+	subscribed                            atomic.Bool            // the notice channel is subscribed and heard
+	gateMu                                sync.Mutex             // orders refreshGate's transitions
 
 	cb circuitbreaker.CircuitBreaker[any]
 	// health goes up by one at every change of usability and is odd while
@@ -183,6 +197,8 @@ type redisTier struct {
 	pending    map[int64]int64
 	npending   atomic.Int64
 	overflowed atomic.Bool // pending hit PendingMax: drop the namespace
+
+	fills chan fillJob // the loader's fills, for filler
 
 	beat     chan struct{} // our own heartbeat came back
 	lastBeat atomic.Int64  // unix nanoseconds
@@ -205,7 +221,7 @@ func newRedisTier(s *Store, client rueidis.Client, opt *rueidis.ClientOption) *r
 		runKey:  p + "run",
 		probeK:  p + "probe",
 		nonce:   strconv.FormatUint(rand.Uint64(), 36),
-		fill1:   rueidis.NewLuaScript(fillScript),
+		fillLua: rueidis.NewLuaScript(fillScript),
 		inval:   rueidis.NewLuaScript(invalidateScript),
 		intent:  rueidis.NewLuaScript(intentScript),
 		probe:   rueidis.NewLuaScript(probeScript),
@@ -213,6 +229,7 @@ func newRedisTier(s *Store, client rueidis.Client, opt *rueidis.ClientOption) *r
 		pending: make(map[int64]int64),
 		wake:    make(chan struct{}, 1),
 		beat:    make(chan struct{}, 1),
+		fills:   make(chan fillJob, fillQueueLen),
 	}
 	sum := sha1.Sum([]byte(fillScript))
 	r.fillSHA = hex.EncodeToString(sum[:])
@@ -254,6 +271,7 @@ func breakerGauge(st circuitbreaker.State) float64 {
 func (r *redisTier) start() {
 	r.recover()
 	r.s.wg.Go(r.maintain)
+	r.s.wg.Go(r.filler)
 	if r.channel == "" {
 		return
 	}
@@ -343,42 +361,70 @@ func (r *redisTier) get(ctx context.Context, id int64) (*entry, error) {
 // getWithin is get with its own deadline (tests inspect Redis with one
 // that a loaded machine cannot miss).
 func (r *redisTier) getWithin(ctx context.Context, id int64, d time.Duration) (*entry, error) {
-	c := r.client()
-	ctx, cancel := context.WithTimeout(ctx, d)
-	k := r.key(id)
-	res := c.DoMulti(ctx, c.B().Get().Key(k).Build(), c.B().Pttl().Key(k).Build())
-	cancel()
-	b, err := res[0].AsBytes()
+	res, err := r.getMany(ctx, []int64{id}, d)
 	if err != nil {
-		if rueidis.IsRedisNil(err) {
-			r.succeeded()
-			return nil, nil
-		}
-		r.failed(err)
-		return nil, fmt.Errorf("redis get %d: %w", id, err)
+		return nil, err
 	}
-	ms, err := res[1].AsInt64()
-	if err != nil {
-		r.failed(err)
-		return nil, fmt.Errorf("redis pttl %d: %w", id, err)
+	return res[0].e, res[0].err
+}
+
+// lookup is one id's answer from Redis: its entry (nil when Redis has
+// none), or err when the value cannot be read (not one of ours).
+type lookup struct {
+	e   *entry
+	err error
+}
+
+// getMany reads the entries of ids with their remaining lifetimes (as get
+// does), all in one pipelined round trip with deadline d: a GET and a PTTL
+// per id, which rueidis writes to the connection together. It fails as a
+// whole when the round trip does (one failure for the breaker, not one per
+// id). Single-key commands, not MGET or a script over all keys, so that
+// each command names one key.
+func (r *redisTier) getMany(ctx context.Context, ids []int64, d time.Duration) ([]lookup, error) {
+	c := r.client()
+	cmds := make(rueidis.Commands, 0, 2*len(ids))
+	for _, id := range ids {
+		k := r.key(id)
+		cmds = append(cmds, c.B().Get().Key(k).Build(), c.B().Pttl().Key(k).Build())
+	}
+	ctx, cancel := context.WithTimeout(ctx, d)
+	res := c.DoMulti(ctx, cmds...)
+	cancel()
+	out := make([]lookup, len(ids))
+	for i, id := range ids {
+		b, err := res[2*i].AsBytes()
+		if rueidis.IsRedisNil(err) {
+			continue
+		}
+		var ms int64
+		if err == nil {
+			ms, err = res[2*i+1].AsInt64()
+		}
+		if err != nil {
+			r.failed(err)
+			return nil, fmt.Errorf("redis get %d: %w", id, err)
+		}
+		e, err := decodeEntry(b)
+		if err != nil {
+			out[i].err = fmt.Errorf("redis get %d: %w", id, err)
+			continue
+		}
+		switch {
+		case ms > 0:
+			e.ttl = min(r.s.cfg.TTL, time.Duration(ms)*time.Millisecond)
+		case ms == -1:
+			// No expiry: not one of ours (every fill sets one); the TTL bounds it.
+			e.ttl = r.s.cfg.TTL
+		default:
+			// Expired since the GET. Never zero: the local tier keeps an
+			// entry with a zero lifetime forever.
+			e.ttl = time.Millisecond
+		}
+		out[i].e = e
 	}
 	r.succeeded()
-	e, err := decodeEntry(b)
-	if err != nil {
-		return nil, fmt.Errorf("redis get %d: %w", id, err)
-	}
-	switch {
-	case ms > 0:
-		e.ttl = min(r.s.cfg.TTL, time.Duration(ms)*time.Millisecond)
-	case ms == -1:
-		// No expiry: not one of ours (every fill sets one); the TTL bounds it.
-		e.ttl = r.s.cfg.TTL
-	default:
-		// Expired since the GET. Never zero: the local tier keeps an entry
-		// with a zero lifetime forever.
-		e.ttl = time.Millisecond
-	}
-	return e, nil
+	return out, nil
 }
 
 func encodeEntry(e *entry) string {
@@ -426,8 +472,9 @@ func decodeEntry(b []byte) (*entry, error) {
 	return e, nil
 }
 
-// fill installs database results, each guarded by fillScript, in one
-// pipelined round trip. health is the tier's health when the read began.
+// fill installs database results, guarded by fillScript, in one
+// pipelined round trip of one script call per fillChunk ids. health is the
+// tier's health when the read began.
 func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry, health uint64) {
 	m := r.s.m
 	if r.health.Load() != health || health&1 == 0 {
@@ -439,57 +486,156 @@ func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry, hea
 		m.fillRedisSkipped.Add(float64(len(ids)))
 		return
 	}
-	c := r.client()
-	fillArgs := func(i int) []string {
-		e := entries[i]
-		return []string{encodeEntry(e), strconv.FormatInt(e.version, 10), strconv.FormatInt(e.ttl.Milliseconds(), 10), *run}
-	}
-	cmds := make(rueidis.Commands, 0, len(ids))
-	idx := make([]int, 0, len(ids))
+	var calls []fillCall
+	var call fillCall
 	for i, id := range ids {
 		if !r.readable(id) {
 			m.fillRedisSkipped.Inc()
 			continue
 		}
-		cmds = append(cmds, c.B().Evalsha().Sha1(r.fillSHA).Numkeys(2).Key(r.key(id), r.runKey).Arg(fillArgs(i)...).Build())
-		idx = append(idx, i)
+		if len(call.keys) == 0 {
+			call = fillCall{keys: []string{r.runKey}, args: []string{*run}}
+		}
+		call.add(r.key(id), entries[i])
+		if len(call.keys) > fillChunk {
+			calls = append(calls, call)
+			call = fillCall{}
+		}
 	}
-	if len(cmds) == 0 {
+	if len(call.keys) > 0 {
+		calls = append(calls, call)
+	}
+	if len(calls) == 0 {
 		return
+	}
+	c := r.client()
+	cmds := make(rueidis.Commands, len(calls))
+	for i, f := range calls {
+		cmds[i] = c.B().Evalsha().Sha1(r.fillSHA).Numkeys(int64(len(f.keys))).Key(f.keys...).Arg(f.args...).Build()
 	}
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	defer cancel()
 	res := c.DoMulti(ctx, cmds...)
 	var failure error // one failed round trip is one failure for the breaker
-	for j, rr := range res {
-		n, err := rr.AsInt64()
-		if err != nil {
-			if re, ok := rueidis.IsRedisErr(err); ok && re.IsNoScript() {
-				// Redis restarted and lost the script: Exec loads it.
-				i := idx[j]
-				n, err = r.fill1.Exec(ctx, c, []string{r.key(ids[i]), r.runKey}, fillArgs(i)).AsInt64()
-			}
+	for i, rr := range res {
+		vals, err := rr.ToArray()
+		if re, ok := rueidis.IsRedisErr(err); ok && re.IsNoScript() {
+			// Redis restarted and lost the script: Exec loads it.
+			vals, err = r.fillLua.Exec(ctx, c, calls[i].keys, calls[i].args).ToArray()
+		}
+		n := len(calls[i].keys) - 1
+		if err == nil && len(vals) != n {
+			err = fmt.Errorf("redis fill: %d results for %d keys", len(vals), n)
 		}
 		if err != nil {
-			m.redisError.Inc()
+			m.redisError.Add(float64(n))
 			failure = err
 			continue
 		}
-		switch n {
-		case 1:
-			m.fillRedisInstalled.Inc()
-		case 0:
-			m.fillRedisStale.Inc()
-		case 3:
-			m.fillRedisSkipped.Inc()
-		default:
-			m.fillRedisUnchanged.Inc()
+		for _, v := range vals {
+			switch got, _ := v.AsInt64(); got {
+			case 1:
+				m.fillRedisInstalled.Inc()
+			case 0:
+				m.fillRedisStale.Inc()
+			case 3:
+				m.fillRedisSkipped.Inc()
+			default:
+				m.fillRedisUnchanged.Inc()
+			}
 		}
 	}
 	if failure != nil {
 		r.failed(failure)
 	} else {
 		r.succeeded()
+	}
+}
+
+// fillChunk bounds the keys of one fillScript call: Redis runs a script
+// alone, and a hundred keys keep it to a fraction of a millisecond.
+const fillChunk = 100
+
+// fillCall is one fillScript call's keys and arguments.
+type fillCall struct{ keys, args []string }
+
+// add appends key's fill of e.
+func (f *fillCall) add(key string, e *entry) {
+	f.keys = append(f.keys, key)
+	f.args = append(f.args, encodeEntry(e), strconv.FormatInt(e.version, 10), strconv.FormatInt(e.ttl.Milliseconds(), 10))
+}
+
+// fillJob is one batch's Redis fill, queued for the filler: the entries
+// (already installed locally) with the tier's health when their read began
+// and the time it began.
+type fillJob struct {
+	ids     []int64
+	entries []*entry
+	health  uint64
+	at      time.Time
+}
+
+// fillQueueLen bounds the fills waiting for the filler: each is one batch,
+// and the filler takes all that are waiting at once, so the queue fills up
+// only while Redis is slow; fills beyond it are dropped (the ids are loaded
+// again by their next miss).
+const fillQueueLen = 256
+
+// maxFillMerge bounds the ids of one merged fill round trip.
+const maxFillMerge = 512
+
+// fillLater queues a fill for the filler, so that the callers of the batch,
+// already answered from the local tier, do not wait for Redis. It never
+// blocks. The checks of fill apply when it is sent, against the read's
+// health and start time: a fill that waited is as guarded as one that did
+// not.
+func (r *redisTier) fillLater(j fillJob) {
+	select {
+	case r.fills <- j:
+	default:
+		r.s.m.fillRedisSkipped.Add(float64(len(j.ids)))
+	}
+}
+
+// filler sends the queued fills until Close, each round trip merging every
+// fill that queued while the previous one ran.
+func (r *redisTier) filler() {
+	ids := make([]int64, 0, maxFillMerge)
+	entries := make([]*entry, 0, maxFillMerge)
+	for {
+		var j fillJob
+		select {
+		case <-r.s.ctx.Done():
+			return
+		case j = <-r.fills:
+		}
+		ids, entries = ids[:0], entries[:0]
+		health := r.health.Load()
+	merge:
+		for {
+			switch {
+			case j.health != health:
+				// Redis was unusable or moved generation since the
+				// read; fill would skip it too.
+				r.s.m.fillRedisSkipped.Add(float64(len(j.ids)))
+			case time.Since(j.at) > r.s.cfg.TombstoneTTL/2:
+				r.s.m.fillLate.Add(float64(len(j.ids)))
+			default:
+				ids = append(ids, j.ids...)
+				entries = append(entries, j.entries...)
+			}
+			if len(ids) >= maxFillMerge {
+				break merge
+			}
+			select {
+			case j = <-r.fills:
+			default:
+				break merge
+			}
+		}
+		if len(ids) > 0 {
+			r.fill(r.s.ctx, ids, entries, health)
+		}
 	}
 }
 
