@@ -1,10 +1,13 @@
 package http
 
 import (
+	"bytes"
 	"encoding/json"
+	"errors"
 	"net"
 	"strings"
 	"testing"
+	"unicode/utf8"
 
 	"github.com/valyala/fasthttp"
 )
@@ -92,6 +95,45 @@ func FuzzHandler(f *testing.F) {
 		}
 		if err := json.Unmarshal(rc.Response.Body(), &p); err != nil || p.Status != status || p.Type == "" || p.Title == "" || p.Detail == "" {
 			t.Fatalf("%d problem %q: %v", status, rc.Response.Body(), err)
+		}
+	})
+}
+
+// FuzzDecodeUserFields checks the body decoder alone: it answers every
+// input with fields or a 400 problem, and the fields it returns are valid
+// UTF-8 holding U+FFFD only where the client wrote one (raw or escaped),
+// never as the stand-in for bytes or escapes it could not decode.
+func FuzzDecodeUserFields(f *testing.F) {
+	for _, s := range []string{
+		`{"email":"a@example.com","name":"Ada"}`,
+		`{"email":null}`,
+		"{\"email\":\"\xff\xfe@example.com\",\"name\":\"x\"}",
+		`{"name":"\ud83d\ude00"}`,
+		`{"name":"\ud800"}`,
+		`{"name":"\\ud800"}`,
+		`{"name":"\ufffd\uFFFD�"}`,
+		`{"name":"\u00e9\"\\\/\b\f\n\r\t"}`,
+		`{"name":"x"} `,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		fields, err := decodeUserFields(body)
+		if err != nil {
+			var p *problem
+			if !errors.As(err, &p) || p.Status != 400 {
+				t.Fatalf("decode %q: %v, want a 400 problem", body, err)
+			}
+			return
+		}
+		sent := bytes.Contains(body, []byte("\ufffd")) || bytes.Contains(bytes.ToLower(body), []byte(`\ufffd`))
+		for _, s := range []string{fields.email, fields.name} {
+			if !utf8.ValidString(s) {
+				t.Fatalf("decode %q: field %q is not valid UTF-8", body, s)
+			}
+			if strings.ContainsRune(s, utf8.RuneError) && !sent {
+				t.Fatalf("decode %q: field %q has a U+FFFD the body did not", body, s)
+			}
 		}
 	})
 }
