@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"userapi"
+	"userapi/internal/panics"
 )
 
 // loader turns misses into database reads: concurrent misses of one id
@@ -72,7 +73,7 @@ func newLoader(s *Store, workers, maxBatch int, timeout time.Duration) *loader {
 		done:       make(chan struct{}),
 	}
 	for range workers {
-		l.workers.Go(l.work)
+		l.workers.Go(panics.Loop(s.ctx, s.log, "cache_loader", l.work))
 	}
 	return l
 }
@@ -155,24 +156,19 @@ func (l *loader) work() {
 		for _, c := range batch {
 			ids = append(ids, c.id)
 		}
-		l.s.m.batchSize.Observe(float64(len(batch)))
-		rs := l.s.begin()
-		ctx, cancel := context.WithTimeout(l.s.ctx, l.timeout)
-		users, err := l.s.store.GetUsers(ctx, ids)
-		cancel()
-		if err != nil {
-			l.s.m.loadErrors.Inc()
-			if errors.Is(err, context.Canceled) && l.s.ctx.Err() != nil {
-				err = errClosed
-			}
-		} else {
-			l.s.m.loads.Inc()
-		}
-		// Fill before waking the callers, so that a read that follows a
-		// finished read finds the entry.
-		rows := setResults(batch, users, err)
-		if err == nil {
-			l.s.fill(rows, rs)
+		l.run(batch, ids)
+	}
+}
+
+// run loads one batch, fills the tiers and wakes the batch's callers. A
+// panic on the way (in the store, in encoding, in a fill) is recovered as
+// the error of every call in the batch, so its callers are answered at once
+// and the worker goes on with the next batch.
+func (l *loader) run(batch []*call, ids []int64) {
+	var panicked error
+	defer func() {
+		if panicked != nil {
+			setResults(batch, nil, panicked)
 		}
 		l.busy.Add(-1)
 		select {
@@ -180,6 +176,26 @@ func (l *loader) work() {
 		default: // a token is already there
 		}
 		l.complete(batch)
+	}()
+	defer panics.Recover(l.s.log, "cache_loader", &panicked)
+	l.s.m.batchSize.Observe(float64(len(batch)))
+	rs := l.s.begin()
+	ctx, cancel := context.WithTimeout(l.s.ctx, l.timeout)
+	defer cancel()
+	users, err := l.s.store.GetUsers(ctx, ids)
+	if err != nil {
+		l.s.m.loadErrors.Inc()
+		if errors.Is(err, context.Canceled) && l.s.ctx.Err() != nil {
+			err = errClosed
+		}
+	} else {
+		l.s.m.loads.Inc()
+	}
+	// Fill before waking the callers, so that a read that follows a
+	// finished read finds the entry.
+	rows := setResults(batch, users, err)
+	if err == nil {
+		l.s.fill(rows, rs)
 	}
 }
 
