@@ -974,8 +974,6 @@ func (r *redisTier) heartbeat(c rueidis.Client) {
 	cancel()
 }
 
-// onMessage handles one notice; rueidis calls it on one goroutine, in the
-// order Redis sent them.
 // handleNotice runs onMessage in the client's reader goroutine, where a
 // panic would end the process; it returns the panic as an error instead.
 func (r *redisTier) handleNotice(m rueidis.PubSubMessage) (err error) {
@@ -984,6 +982,8 @@ func (r *redisTier) handleNotice(m rueidis.PubSubMessage) (err error) {
 	return nil
 }
 
+// onMessage handles one notice; rueidis calls it on one goroutine, in the
+// order Redis sent them.
 func (r *redisTier) onMessage(m rueidis.PubSubMessage) {
 	msg := m.Message
 	switch {
