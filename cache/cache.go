@@ -31,6 +31,7 @@ import (
 	"github.com/redis/rueidis"
 
 	"userapi"
+	"userapi/internal/panics"
 )
 
 // Mode selects the cache tiers.
@@ -333,7 +334,7 @@ func New(ctx context.Context, store userapi.Store, cfg Config) (*Store, error) {
 		s.redis.start()
 	}
 	if cfg.Changes != nil && (s.local != nil || s.redis != nil) {
-		s.wg.Go(func() { s.followChanges(cfg.Changes) })
+		s.wg.Go(panics.Loop(s.ctx, s.log, "change_stream", func() { s.followChanges(cfg.Changes) }))
 	}
 	return s, nil
 }
@@ -839,7 +840,7 @@ func (s *Store) followChanges(feed userapi.ChangeFeed) {
 	backoff := 50 * time.Millisecond
 	var lastErr string
 	for s.ctx.Err() == nil {
-		err := feed.FollowChanges(s.ctx, s.applyChanges, s.missedChanges)
+		err := s.follow(feed)
 		if s.ctx.Err() != nil {
 			return
 		}
@@ -851,6 +852,15 @@ func (s *Store) followChanges(feed userapi.ChangeFeed) {
 		s.sleep(backoff)
 		backoff = min(2*backoff, maxBackoff)
 	}
+}
+
+// follow runs feed.FollowChanges once. A panic in it (in the stream's
+// decoding, or in applying a change) is its error, and followChanges retries
+// as after any failure: the change being applied was not acknowledged, so
+// it comes again.
+func (s *Store) follow(feed userapi.ChangeFeed) (err error) {
+	defer panics.Recover(s.log, "change_stream", &err)
+	return feed.FollowChanges(s.ctx, s.applyChanges, s.missedChanges)
 }
 
 func (s *Store) sleep(d time.Duration) {

@@ -7,12 +7,14 @@ import (
 	"runtime"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
 
 	"userapi"
+	"userapi/internal/panics"
 	"userapi/storetest"
 )
 
@@ -585,6 +587,56 @@ func TestCloseFailsWaiters(t *testing.T) {
 	}
 	if ok != 1 || unavailable != 1 {
 		t.Errorf("reads during Close: %d succeeded, %d unavailable; want the running load to finish and the queued one to fail", ok, unavailable)
+	}
+}
+
+// TestLoaderPanic: a store whose GetUsers panics does not kill the
+// process. The readers waiting on that load get the panic as an error at
+// once, it is counted and logged, the worker lives on (there is only one),
+// and the next load works.
+func TestLoaderPanic(t *testing.T) {
+	h := &hookStore{Store: newSQLite(t)}
+	u := mustCreate(t, h, "panic@example.com")
+	c := newCache(t, h, Config{Mode: ModeLocal, Coalesce: true, Loaders: 1})
+	gate := make(chan struct{})
+	var loads atomic.Int32
+	h.setHook(func(_ []int64, us []*userapi.User, err error) ([]*userapi.User, error) {
+		if loads.Add(1) == 1 {
+			<-gate
+			panic("store bug")
+		}
+		return us, err
+	})
+	before := value(panics.Counter("cache_loader"))
+
+	const readers = 8
+	errs := make(chan error, readers)
+	for range readers {
+		go func() { _, err := c.GetUserEncoded(testContext(t), u.ID); errs <- err }()
+	}
+	eventually(t, 5*time.Second, "readers joined the load", func() bool {
+		return h.getUsers.Load() == 1 && value(c.m.coalesced) == readers-1
+	})
+	close(gate)
+	for range readers {
+		select {
+		case err := <-errs:
+			var pe *panics.Error
+			if !errors.As(err, &pe) || pe.Value != "store bug" {
+				t.Errorf("reader of the panicked load: %v, want the panic as its error", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("a reader of the panicked load is still waiting")
+		}
+	}
+	if got := value(panics.Counter("cache_loader")) - before; got != 1 {
+		t.Errorf("userapi_panics_total{where=cache_loader} went up by %v, want 1", got)
+	}
+	if v := version(t, c, u.ID); v != 1 {
+		t.Errorf("read after the panic: version %d, want 1", v)
+	}
+	if n := inflightCalls(c); n != 0 {
+		t.Errorf("%d calls left in flight", n)
 	}
 }
 

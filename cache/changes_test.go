@@ -7,12 +7,14 @@ import (
 	"math/rand/v2"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 
 	"userapi"
+	"userapi/internal/panics"
 	"userapi/internal/pgtest"
 	"userapi/internal/testenv"
 	"userapi/mysql"
@@ -503,5 +505,40 @@ func testReplayHarmless(t *testing.T, fd feedDB) {
 			}
 			checkTiers(t, c, db, id)
 		}
+	}
+}
+
+// panickingFeed panics in its first FollowChanges; later calls deliver a
+// deletion of id and then follow until ctx ends.
+type panickingFeed struct {
+	id    int64
+	calls atomic.Int32
+}
+
+func (f *panickingFeed) FollowChanges(ctx context.Context, apply func(context.Context, []userapi.Change) error, _ func(context.Context) error) error {
+	if f.calls.Add(1) == 1 {
+		panic("stream decoder bug")
+	}
+	if err := apply(ctx, []userapi.Change{{ID: f.id, Version: 2, Deleted: true}}); err != nil {
+		return err
+	}
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+// TestChangeStreamPanic: a panic in the change stream is counted and the
+// follower goes on (as after a stream error), so changes still invalidate.
+func TestChangeStreamPanic(t *testing.T) {
+	db := newSQLite(t)
+	u := mustCreate(t, db, "stream-panic@example.com")
+	before := value(panics.Counter("change_stream"))
+	feed := &panickingFeed{id: u.ID}
+	c := newCache(t, db, Config{Mode: ModeLocal, Coalesce: true, Changes: feed})
+	eventually(t, 5*time.Second, "the change applied after the panic", func() bool { return value(c.m.changesApplied) == 1 })
+	if got := value(panics.Counter("change_stream")) - before; got != 1 {
+		t.Errorf("userapi_panics_total{where=change_stream} went up by %v, want 1", got)
+	}
+	if n := feed.calls.Load(); n != 2 {
+		t.Errorf("FollowChanges called %d times, want 2 (the panic, then the retry)", n)
 	}
 }

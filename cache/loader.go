@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"userapi"
+	"userapi/internal/panics"
 )
 
 // loader turns misses of the local tier into reads: concurrent misses of
@@ -73,7 +74,7 @@ func newLoader(s *Store, workers, maxBatch int, timeout time.Duration) *loader {
 		done:       make(chan struct{}),
 	}
 	for range workers {
-		l.workers.Go(l.work)
+		l.workers.Go(panics.Loop(s.ctx, s.log, "cache_loader", l.work))
 	}
 	return l
 }
@@ -158,46 +159,63 @@ func (l *loader) work() {
 		if batch == nil {
 			return
 		}
-		rs := l.s.begin()
-		hits, rest = hits[:0], rest[:0]
-		if l.s.redis != nil {
-			hits, rest = l.s.lookupRedis(batch, rs, hits, rest)
-			l.complete(hits)
-		} else {
-			rest = append(rest, batch...)
-		}
-		if len(rest) > 0 {
-			ids = ids[:0]
-			for _, c := range rest {
-				ids = append(ids, c.id)
-			}
-			l.s.m.batchSize.Observe(float64(len(rest)))
-			ctx, cancel := context.WithTimeout(l.s.ctx, l.timeout)
-			users, err := l.s.store.GetUsers(ctx, ids)
-			cancel()
-			if err != nil {
-				l.s.m.loadErrors.Inc()
-				if errors.Is(err, context.Canceled) && l.s.ctx.Err() != nil {
-					err = errClosed
-				}
-			} else {
-				l.s.m.loads.Inc()
-			}
-			// Fill the local tier before waking the callers, so that a
-			// read that follows a finished read finds the entry. Redis
-			// is filled after, by the filler; without a local tier the
-			// next read looks in Redis, so Redis is filled first.
-			rows := setResults(rest, users, err)
-			if err == nil {
-				l.s.fill(rows, rs, l.s.local != nil)
-			}
+		l.run(batch, hits[:0], rest[:0], ids[:0])
+	}
+}
+
+// run answers one batch: the calls Redis can answer at once, the rest from
+// one store.GetUsers. hits, rest and ids are the worker's buffers. A panic
+// on the way (in the store, in encoding, in a fill) is recovered as the
+// error of every call not yet answered, so they are answered at once and
+// the worker goes on with the next batch.
+func (l *loader) run(batch, hits, rest []*call, ids []int64) {
+	pending := batch // the calls not yet answered
+	var panicked error
+	defer func() {
+		if panicked != nil {
+			setResults(pending, nil, panicked)
 		}
 		l.busy.Add(-1)
 		select {
 		case l.freed <- struct{}{}:
 		default: // a token is already there
 		}
-		l.complete(rest)
+		l.complete(pending)
+	}()
+	defer panics.Recover(l.s.log, "cache_loader", &panicked)
+	rs := l.s.begin()
+	if l.s.redis != nil {
+		hits, rest = l.s.lookupRedis(batch, rs, hits, rest)
+		pending = rest
+		l.complete(hits)
+	} else {
+		rest = append(rest, batch...)
+	}
+	if len(rest) == 0 {
+		return
+	}
+	for _, c := range rest {
+		ids = append(ids, c.id)
+	}
+	l.s.m.batchSize.Observe(float64(len(rest)))
+	ctx, cancel := context.WithTimeout(l.s.ctx, l.timeout)
+	defer cancel()
+	users, err := l.s.store.GetUsers(ctx, ids)
+	if err != nil {
+		l.s.m.loadErrors.Inc()
+		if errors.Is(err, context.Canceled) && l.s.ctx.Err() != nil {
+			err = errClosed
+		}
+	} else {
+		l.s.m.loads.Inc()
+	}
+	// Fill the local tier before waking the callers, so that a read that
+	// follows a finished read finds the entry. Redis is filled after, by
+	// the filler; without a local tier the next read looks in Redis, so
+	// Redis is filled first.
+	rows := setResults(rest, users, err)
+	if err == nil {
+		l.s.fill(rows, rs, l.s.local != nil)
 	}
 }
 

@@ -2,6 +2,8 @@ package cache
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
+
+	"userapi/internal/panics"
 )
 
 // metrics are the cache's collectors, resolved to plain counters up front so
@@ -135,6 +137,10 @@ func (m *metrics) register(s *Store, reg prometheus.Registerer) {
 	reg.MustRegister(m.lookups, m.fills, m.coalesced, m.batchSize, m.loads, m.loadErrors,
 		m.invSent, m.invReceived, m.invFailed, m.intentsSent, m.intentsReceived,
 		m.changesApplied, m.changesMissed, m.changesInterrupted, m.changeLag)
+	// The cache starts the service's background goroutines (panics.Loop).
+	if err := panics.Register(reg); err != nil {
+		panic(err)
+	}
 	if s.redis != nil {
 		reg.MustRegister(m.breakerState, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "userapi_cache_invalidations_pending",

@@ -16,6 +16,8 @@ import (
 
 	"github.com/failsafe-go/failsafe-go/circuitbreaker"
 	"github.com/redis/rueidis"
+
+	"userapi/internal/panics"
 )
 
 // Redis values are a small header, the kind and the version, then the JSON:
@@ -270,12 +272,12 @@ func breakerGauge(st circuitbreaker.State) float64 {
 // channel.
 func (r *redisTier) start() {
 	r.recover()
-	r.s.wg.Go(r.maintain)
-	r.s.wg.Go(r.filler)
+	r.s.wg.Go(panics.Loop(r.s.ctx, r.s.log, "cache_redis_probe", r.maintain))
+	r.s.wg.Go(panics.Loop(r.s.ctx, r.s.log, "cache_redis_filler", r.filler))
 	if r.channel == "" {
 		return
 	}
-	r.s.wg.Go(r.subscribeLoop)
+	r.s.wg.Go(panics.Loop(r.s.ctx, r.s.log, "cache_notice_channel", r.subscribeLoop))
 	// Give the channel a moment to come up so the local tier serves from
 	// the first request; if Redis is away it comes up later.
 	deadline := time.Now().Add(time.Second)
@@ -1037,11 +1039,28 @@ var errChannelStalled = errors.New("own heartbeat not heard back")
 // a heartbeat of our own, marks the channel up and watches it until the
 // connection breaks or our heartbeats stop coming back. up reports whether
 // the channel came up at all.
+//
+// A panic here, or in handling a notice, ends the subscription with the
+// panic as err: the loop then marks the channel down, as for any break, so
+// the local tier serves nothing that may have missed the lost notice.
 func (r *redisTier) subscribeOnce(c rueidis.Client) (up bool, err error) {
+	defer panics.Recover(r.s.log, "cache_notice_channel", &err)
 	dc, _ := c.Dedicate()
 	// Close, not release: the connection carries our subscription.
 	defer dc.Close()
-	closed := dc.SetPubSubHooks(rueidis.PubSubHooks{OnMessage: r.onMessage})
+	hookFailed := make(chan error, 1)
+	closed := dc.SetPubSubHooks(rueidis.PubSubHooks{OnMessage: func(m rueidis.PubSubMessage) {
+		if err := r.handleNotice(m); err != nil {
+			// The notice is lost: stop serving the local tier now,
+			// not when the loop hears of it.
+			r.subscribed.Store(false)
+			r.refreshGate()
+			select {
+			case hookFailed <- err:
+			default:
+			}
+		}
+	}})
 	ctx, cancel := context.WithTimeout(r.s.ctx, r.s.cfg.channelTimeout)
 	err = dc.Do(ctx, dc.B().Subscribe().Channel(r.channel).Build()).Error()
 	cancel()
@@ -1055,6 +1074,8 @@ func (r *redisTier) subscribeOnce(c rueidis.Client) (up bool, err error) {
 	r.heartbeat(c)
 	select {
 	case <-r.beat:
+	case err := <-hookFailed:
+		return false, err
 	case err := <-closed:
 		return false, fmt.Errorf("subscription closed: %w", err)
 	case <-time.After(r.s.cfg.channelTimeout):
@@ -1073,6 +1094,8 @@ func (r *redisTier) subscribeOnce(c rueidis.Client) (up bool, err error) {
 	defer t.Stop()
 	for {
 		select {
+		case err := <-hookFailed:
+			return true, err
 		case err := <-closed:
 			if err == nil {
 				err = errors.New("subscription closed")
@@ -1095,6 +1118,14 @@ func (r *redisTier) heartbeat(c rueidis.Client) {
 	ctx, cancel := context.WithTimeout(r.s.ctx, r.s.cfg.heartbeat)
 	c.Do(ctx, c.B().Publish().Channel(r.channel).Message("h:"+r.nonce).Build())
 	cancel()
+}
+
+// handleNotice runs onMessage in the client's reader goroutine, where a
+// panic would end the process; it returns the panic as an error instead.
+func (r *redisTier) handleNotice(m rueidis.PubSubMessage) (err error) {
+	defer panics.Recover(r.s.log, "cache_notice_handler", &err)
+	r.onMessage(m)
+	return nil
 }
 
 // onMessage handles one notice; rueidis calls it on one goroutine, in the

@@ -504,6 +504,62 @@ func testAPI(t *testing.T, encoded bool) {
 	})
 }
 
+// TestInvalidUTF8 checks that a body that is not valid UTF-8, or whose
+// escapes name a lone UTF-16 surrogate, is refused as a whole: the JSON
+// decoder would otherwise store U+FFFD in place of what the client sent.
+func TestInvalidUTF8(t *testing.T) {
+	f := newFixture(t, false, Options{})
+	u := "/users/" + strconv.FormatInt(int64(f.create(t, "ada@example.com", "Ada")["id"].(float64)), 10)
+	body := &wantProblem{fields: []string{"body"}}
+	for _, c := range []apiCase{
+		{name: "create email", req: request{method: "POST", uri: "/users", header: jsonCT, body: "{\"email\":\"\xff\xfe@example.com\",\"name\":\"x\"}"}, status: 400, problem: body},
+		{name: "create name", req: request{method: "POST", uri: "/users", header: jsonCT, body: "{\"email\":\"n@example.com\",\"name\":\"Ad\xe9\"}"}, status: 400, problem: body},
+		{name: "create truncated sequence", req: request{method: "POST", uri: "/users", header: jsonCT, body: "{\"email\":\"t@example.com\",\"name\":\"\xe2\x82\"}"}, status: 400, problem: body},
+		{name: "create overlong encoding", req: request{method: "POST", uri: "/users", header: jsonCT, body: "{\"email\":\"o@example.com\",\"name\":\"\xc0\xaf\"}"}, status: 400, problem: body},
+		{name: "create encoded surrogate", req: request{method: "POST", uri: "/users", header: jsonCT, body: "{\"email\":\"s@example.com\",\"name\":\"\xed\xa0\x80\"}"}, status: 400, problem: body},
+		{name: "create member name", req: request{method: "POST", uri: "/users", header: jsonCT, body: "{\"email\":\"m@example.com\",\"name\":\"M\",\"\xff\":1}"}, status: 400, problem: body},
+		{name: "create outside strings", req: request{method: "POST", uri: "/users", header: jsonCT, body: "{\"email\":\"w@example.com\",\"name\":\"W\"}\xff"}, status: 400, problem: body},
+		{name: "create lone high surrogate escape", req: request{method: "POST", uri: "/users", header: jsonCT, body: `{"email":"\ud800@example.com","name":"x"}`}, status: 400, problem: body},
+		{name: "create lone low surrogate escape", req: request{method: "POST", uri: "/users", header: jsonCT, body: `{"email":"l@example.com","name":"\uDC00"}`}, status: 400, problem: body},
+		{name: "create reversed surrogate escapes", req: request{method: "POST", uri: "/users", header: jsonCT, body: `{"email":"r@example.com","name":"\udc00\ud800"}`}, status: 400, problem: body},
+		{name: "create high surrogate then other escape", req: request{method: "POST", uri: "/users", header: jsonCT, body: `{"email":"h@example.com","name":"\ud83d\u0041"}`}, status: 400, problem: body},
+		{name: "put name", req: request{method: "PUT", uri: u, header: jsonCT, body: "{\"email\":\"ada@example.com\",\"name\":\"\xff\"}"}, status: 400, problem: body},
+		{name: "patch email", req: request{method: "PATCH", uri: u, header: mergeCT, body: "{\"email\":\"\xffa@example.com\"}"}, status: 400, problem: body},
+		{name: "patch surrogate escape", req: request{method: "PATCH", uri: u, header: mergeCT, body: `{"name":"\udfff"}`}, status: 400, problem: body},
+		{name: "idempotency key", req: request{method: "POST", uri: "/users", header: with(jsonCT, "Idempotency-Key", "k\xc3\xa9"), body: `{"email":"k@example.com","name":"K"}`}, status: 400,
+			problem: &wantProblem{fields: []string{"Idempotency-Key"}}},
+		{name: "list email filter", req: request{method: "GET", uri: "/users?email=%ff%fe@example.com"}, status: 400, problem: &wantProblem{fields: []string{"email"}}},
+
+		// What is valid stays valid: an escaped pair, escaped backslashes
+		// before a "u", and U+FFFD itself when the client sends it.
+		{name: "create surrogate pair escape", req: request{method: "POST", uri: "/users", header: jsonCT, body: `{"email":"p@example.com","name":"\ud83d\ude00"}`}, status: 201,
+			check: func(t *testing.T, r response) {
+				if name := userBody(t, r)["name"]; name != "\U0001F600" {
+					t.Errorf("name = %q, want U+1F600", name)
+				}
+			}},
+		{name: "create escaped backslash", req: request{method: "POST", uri: "/users", header: jsonCT, body: `{"email":"b@example.com","name":"\\ud800"}`}, status: 201, check: wantUser("b@example.com", `\ud800`, 1)},
+		{name: "create replacement character", req: request{method: "POST", uri: "/users", header: jsonCT, body: `{"email":"c@example.com","name":"\ufffd"}`}, status: 201, check: wantUser("c@example.com", "\ufffd", 1)},
+	} {
+		t.Run(c.name, func(t *testing.T) { f.run(t, c) })
+	}
+
+	users, err := f.store.ListUsers(context.Background(), userapi.UserFilter{Limit: userapi.MaxLimit})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, u := range users {
+		got = append(got, u.Email)
+	}
+	if want := []string{"ada@example.com", "p@example.com", "b@example.com", "c@example.com"}; !slices.Equal(got, want) {
+		t.Errorf("stored emails %q, want %q", got, want)
+	}
+	if users[0].Name != "Ada" {
+		t.Errorf("user 1 name = %q, want Ada", users[0].Name)
+	}
+}
+
 func emptyBody(t *testing.T, r response) {
 	t.Helper()
 	if len(r.body) != 0 {

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"io"
 	"math"
+	"unicode/utf8"
 
 	"github.com/valyala/fasthttp"
 
@@ -107,6 +108,9 @@ type userFields struct {
 // handlers decide whether it is allowed (a 422 when not).
 func decodeUserFields(body []byte) (userFields, error) {
 	var f userFields
+	if err := checkText(body); err != nil {
+		return f, err
+	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.UseNumber() // so numbers are tokens, not float conversions
 	tok, err := dec.Token()
@@ -156,6 +160,73 @@ func decodeUserFields(body []byte) (userFields, error) {
 		return f, badRequest("body", "must hold one JSON object and nothing after it")
 	}
 	return f, nil
+}
+
+// checkText returns a 400 problem unless body is valid UTF-8 whose \u
+// escapes stand for Unicode characters: a high surrogate escape
+// (\ud800-\udbff) directly followed by a low one (\udc00-\udfff), never
+// either alone. encoding/json accepts both faults and decodes them as
+// U+FFFD, which would store a replacement character in place of what the
+// client sent; RFC 8259 §8.1 requires UTF-8 and RFC 7493 §2.1 forbids
+// the lone escapes. It assumes nothing else about the JSON: a backslash
+// outside a string is the decoder's syntax error to report.
+func checkText(body []byte) error {
+	if !utf8.Valid(body) {
+		return badRequest("body", "is not valid UTF-8")
+	}
+	for i := bytes.IndexByte(body, '\\'); i >= 0; i = bytes.IndexByte(body, '\\') {
+		body = body[i+1:]
+		if len(body) == 0 || body[0] != 'u' {
+			if len(body) > 0 {
+				body = body[1:] // an escaped character, maybe a backslash
+			}
+			continue
+		}
+		r, ok := hex4(body[1:])
+		if !ok {
+			continue // malformed: the decoder reports it
+		}
+		body = body[5:]
+		switch {
+		case r >= 0xdc00 && r <= 0xdfff:
+			return loneSurrogate()
+		case r >= 0xd800 && r <= 0xdbff:
+			if len(body) < 6 || body[0] != '\\' || body[1] != 'u' {
+				return loneSurrogate()
+			}
+			if low, ok := hex4(body[2:]); !ok || low < 0xdc00 || low > 0xdfff {
+				return loneSurrogate()
+			}
+			body = body[6:]
+		}
+	}
+	return nil
+}
+
+func loneSurrogate() error {
+	return badRequest("body", `has a \u escape of a lone UTF-16 surrogate, which is not a character`)
+}
+
+// hex4 parses the four hex digits that follow \u.
+func hex4(b []byte) (rune, bool) {
+	if len(b) < 4 {
+		return 0, false
+	}
+	var r rune
+	for _, c := range b[:4] {
+		switch {
+		case c >= '0' && c <= '9':
+			c -= '0'
+		case c >= 'a' && c <= 'f':
+			c -= 'a' - 10
+		case c >= 'A' && c <= 'F':
+			c -= 'A' - 10
+		default:
+			return 0, false
+		}
+		r = r<<4 | rune(c)
+	}
+	return r, true
 }
 
 func malformed(err error) error {

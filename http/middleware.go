@@ -118,7 +118,7 @@ func (s *Server) requestAttrs(rc *fasthttp.RequestCtx, extra ...any) []any {
 	return append([]any{
 		slog.String("request_id", requestID(rc)),
 		slog.String("method", string(rc.Method())),
-		slog.String("path", string(rc.Path())),
+		slog.String("path", string(rc.URI().PathOriginal())), // as routed
 		slog.String("client", s.clientAddr(rc).String()),
 	}, extra...)
 }
@@ -179,6 +179,6 @@ func (s *Server) serveParseError(rc *fasthttp.RequestCtx, err error) {
 		p = problem{Status: fasthttp.StatusRequestTimeout, Detail: "The request was not received in time."}
 	}
 	s.writeProblem(rc, p)
-	ep := s.router.match(rc.Request.URI().Path(), rc.Request.Header.Method())
+	ep := s.endpoint(rc)
 	ep.metrics.observe(p.Status, time.Since(rc.Time()))
 }

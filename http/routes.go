@@ -49,8 +49,8 @@ func (s *Server) routes() []route {
 //  1. in-flight gauge
 //  2. request id: a sane X-Request-ID is kept, otherwise one is generated;
 //     it is echoed in the response and in every log line of the request
-//  3. routing: path → route template, method → handler, else 404 or 405
-//     with Allow
+//  3. routing: raw path → route template, method → handler, else 404 or
+//     405 with Allow (see endpoint)
 //  4. recovery (deferred, in finish): a panic becomes a logged 500
 //  5. deadline: the handler's context ends RequestTimeout after the
 //     request started (rounded up to 10 ms, see context.go)
@@ -61,11 +61,24 @@ func (s *Server) routes() []route {
 func (s *Server) serve(rc *fasthttp.RequestCtx) {
 	s.metrics.inFlight.Inc()
 	s.setRequestID(rc)
-	ep := s.router.match(rc.Path(), rc.Method())
+	ep := s.endpoint(rc)
 	defer s.finish(rc, ep)
 	if err := ep.handle(rc, s.deadlines.context(rc.Time())); err != nil {
 		s.writeError(rc, err)
 	}
+}
+
+// endpoint routes the request by its path as the client sent it
+// (URI.PathOriginal), not fasthttp's normalized Path, which has decoded
+// %2F into "/" and resolved dot segments: /users/..%2fopenapi.json would be
+// /openapi.json there, past any proxy that lets only /users/* through. On
+// the raw path %2F is no separator, "." and ".." are segments like any
+// other, and "//" an empty segment, so none of them changes the route: a
+// route's path is matched byte for byte, the {id} segment is whatever lies
+// between "/users/" and the end (pathID refuses what is not digits), and
+// the query string and fragment are not part of it.
+func (s *Server) endpoint(rc *fasthttp.RequestCtx) *endpoint {
+	return s.router.match(rc.URI().PathOriginal(), rc.Method())
 }
 
 // finish is the deferred tail of serve; it also runs when the handler

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"userapi"
 )
 
 func TestDeadlines(t *testing.T) {
@@ -125,21 +127,7 @@ func TestParseErrors(t *testing.T) {
 		{"garbage", "GET /livez HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			conn, err := net.Dial("tcp", addr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer conn.Close()
-			conn.SetDeadline(time.Now().Add(5 * time.Second))
-			if _, err := io.WriteString(conn, c.raw); err != nil {
-				t.Fatal(err)
-			}
-			resp, err := nethttp.ReadResponse(bufio.NewReader(conn), nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			body, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
+			resp, body := rawRequest(t, addr, c.raw)
 			if resp.StatusCode != c.status {
 				t.Fatalf("status %d, want %d: %s", resp.StatusCode, c.status, body)
 			}
@@ -149,6 +137,96 @@ func TestParseErrors(t *testing.T) {
 			if resp.Header.Get("X-Request-Id") == "" {
 				t.Error("no X-Request-ID")
 			}
+		})
+	}
+}
+
+// rawRequest writes raw to a new connection to addr, byte for byte (no
+// client library cleans the request target), and reads the response.
+func rawRequest(t *testing.T, addr, raw string) (*nethttp.Response, []byte) {
+	t.Helper()
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(conn, raw); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := nethttp.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	return resp, body
+}
+
+// TestRawPathRouting checks over a real connection that the route is
+// chosen by the path as sent: percent-encoded slashes and dots, dot
+// segments and doubled slashes never reach another route (a proxy that
+// lets only /users/* through must not reach /openapi.json or /metrics),
+// and an {id} that is not digits as sent is a 400.
+func TestRawPathRouting(t *testing.T) {
+	live := startLive(t, Options{PublicMetrics: true})
+	if _, _, err := live.store.CreateUser(context.Background(), userapi.UserCreate{Email: "ada@example.com", Name: "Ada"}); err != nil {
+		t.Fatal(err)
+	}
+	addr := strings.TrimPrefix(live.base, "http://")
+	id := []string{"id"}
+	for _, c := range []struct {
+		method, target string
+		status         int
+		fields         []string // of a 400 problem
+	}{
+		{"GET", "/users/1", 200, nil},
+		{"GET", "/users/1?x=..%2F", 200, nil},
+		{"GET", "/users?limit=1", 200, nil},
+		{"GET", "/openapi.json?x", 200, nil},
+		{"GET", "http://x/users/1", 200, nil},
+		{"GET", "/users/1#fragment", 200, nil},
+
+		{"GET", "/users/..%2fopenapi.json", 400, id},
+		{"GET", "/users/..%2Fmetrics", 400, id},
+		{"GET", "/users/%2e%2e%2fopenapi.json", 400, id},
+		{"GET", "/users/1%2F", 400, id},
+		{"GET", "/users/%31", 400, id},
+		{"GET", "/users/1;v=2", 400, id},
+		{"GET", "/users/..", 400, id},
+		{"GET", "/users/.", 400, id},
+		{"GET", "http://x/users/..%2fopenapi.json", 400, id},
+		{"PUT", "/users/..%2f1", 400, id},
+		{"DELETE", "/users/%2e%2e%2f1", 400, id},
+
+		{"GET", "/users/../openapi.json", 404, nil},
+		{"GET", "/users/%2e%2e/openapi.json", 404, nil},
+		{"GET", "/users/%2E%2E/metrics", 404, nil},
+		{"GET", "/users/./1", 404, nil},
+		{"GET", "/./users/1", 404, nil},
+		{"GET", "/../users/1", 404, nil},
+		{"GET", "/x/../users/1", 404, nil},
+		{"GET", "/users//1", 404, nil},
+		{"GET", "//users/1", 404, nil},
+		{"GET", "/users/1/", 404, nil},
+		{"GET", "/users/", 404, nil},
+		{"GET", "/users%2F1", 404, nil},
+		{"GET", "/openapi%2Ejson", 404, nil},
+		{"GET", "/openapi.json/", 404, nil},
+		{"GET", "/metrics/../openapi.json", 404, nil},
+		{"GET", "/livez/..", 404, nil},
+		{"GET", "/USERS/1", 404, nil},
+	} {
+		t.Run(c.method+" "+c.target, func(t *testing.T) {
+			resp, body := rawRequest(t, addr, c.method+" "+c.target+" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n")
+			if resp.StatusCode != c.status {
+				t.Fatalf("status %d, want %d: %.200s", resp.StatusCode, c.status, body)
+			}
+			if c.status < 400 {
+				return
+			}
+			checkProblem(t, response{status: resp.StatusCode, header: map[string]string{"Content-Type": resp.Header.Get("Content-Type")}, body: body},
+				&wantProblem{fields: c.fields})
 		})
 	}
 }

@@ -31,9 +31,10 @@ var (
 	usersLocationStart = []byte("/users/")
 )
 
-// pathID parses the {id} of /users/{id}: a positive int64, else 400.
+// pathID parses the {id} of /users/{id} as sent (see Server.endpoint): a
+// positive int64 in plain digits, else 400, so "%31" or "..%2f…" is not one.
 func pathID(rc *fasthttp.RequestCtx) (int64, error) {
-	id, ok := parseID(rc.Path()[usersPrefixLen:])
+	id, ok := parseID(rc.URI().PathOriginal()[usersPrefixLen:])
 	if !ok {
 		return 0, badRequest("id", "must be a positive 64-bit integer")
 	}

@@ -152,11 +152,12 @@ func (c *config) trustedProxies() ([]netip.Prefix, error) {
 	return out, nil
 }
 
-// dump logs every flag's effective value, with passwords in URLs redacted.
+// dump logs every flag's effective value, with secrets redacted
+// (redact.Flag: passwords in URLs, flags named as secrets).
 func dump(log *slog.Logger, fs *flag.FlagSet) {
 	var attrs []any
 	fs.VisitAll(func(f *flag.Flag) {
-		attrs = append(attrs, slog.String(f.Name, redact.URL(f.Value.String())))
+		attrs = append(attrs, slog.String(f.Name, redact.Flag(f.Name, f.Value.String())))
 	})
 	log.Info("config", attrs...)
 }

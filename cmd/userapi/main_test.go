@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -171,6 +172,51 @@ func TestServeDebugListener(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != 404 {
 		t.Errorf("public /metrics = %d, want 404 unless --public-metrics", resp.StatusCode)
+	}
+}
+
+// TestDebugListenerHidesSecrets checks every text the debug listener (and
+// the public /metrics) serves for the passwords of URLs given as flags:
+// /debug/pprof/cmdline shows the command line with them redacted, as the
+// config dump does, and nothing else carries them.
+func TestDebugListenerHidesSecrets(t *testing.T) {
+	debug := freeAddr(t)
+	db := "sqlite:" + filepath.Join(t.TempDir(), "s.db")
+	redis := "redis://:hunter2@127.0.0.1:1/0"
+	args := []string{"--db", db, "--debug-addr", debug, "--public-metrics", "--redis", redis, "--redis-prefix=x", "--log-level=debug"}
+	// The handler shows this process's command line: make it the one a
+	// real `userapi serve` would have.
+	saved := os.Args
+	os.Args = append([]string{"userapi", "serve", "--redis=" + redis, "--addr", "127.0.0.1:0"}, args...)
+	t.Cleanup(func() { os.Args = saved })
+	base, _, _ := startService(t, map[string]string{"USERAPI_DB": "postgres://u:hunter3@127.0.0.1:1/x"}, args...)
+
+	get := func(url string) (int, string) {
+		t.Helper()
+		resp, err := http.Get(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(body)
+	}
+	status, cmdline := get("http://" + debug + "/debug/pprof/cmdline")
+	want := "userapi\x00serve\x00--redis=redis://:xxxxx@127.0.0.1:1/0\x00--addr\x00127.0.0.1:0\x00--db\x00" + db
+	if status != 200 || !strings.HasPrefix(cmdline, want) || !strings.Contains(cmdline, "\x00--redis\x00redis://:xxxxx@127.0.0.1:1/0\x00") {
+		t.Errorf("cmdline = %d %q, want the command line with the password redacted, starting %q", status, cmdline, want)
+	}
+	for _, url := range []string{
+		"http://" + debug + "/debug/pprof/",
+		"http://" + debug + "/debug/pprof/goroutine?debug=2",
+		"http://" + debug + "/debug/vars",
+		"http://" + debug + "/metrics",
+		base + "/metrics",
+	} {
+		if _, body := get(url); strings.Contains(body, "hunter") {
+			i := strings.Index(body, "hunter")
+			t.Errorf("%s shows a password: …%s…", url, body[max(0, i-100):min(len(body), i+20)])
+		}
 	}
 }
 

@@ -9,7 +9,9 @@ import (
 	"net"
 	nethttp "net/http"
 	"net/http/pprof"
+	"os"
 	"runtime/debug"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -179,14 +181,26 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 }
 
 // debugMux serves pprof and metrics on the debug listener, which is off by
-// default and meant for loopback or an operator network only.
+// default and meant for loopback or an operator network only. It mounts
+// no expvar (/debug/vars publishes the raw command line) and nothing of
+// http.DefaultServeMux, where net/http/pprof and expvar register
+// themselves.
 func debugMux(reg *prometheus.Registry) *nethttp.ServeMux {
 	mux := nethttp.NewServeMux()
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/cmdline", cmdline)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	return mux
+}
+
+// cmdline is pprof.Cmdline (the NUL-separated command line) with the
+// passwords in URLs redacted, as in the logged configuration: a database or
+// Redis URL given as a flag would otherwise be readable here.
+func cmdline(w nethttp.ResponseWriter, _ *nethttp.Request) {
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	io.WriteString(w, strings.Join(redact.Args(os.Args), "\x00"))
 }

@@ -1,6 +1,9 @@
 package redact
 
-import "testing"
+import (
+	"slices"
+	"testing"
+)
 
 func TestURL(t *testing.T) {
 	tests := map[string]string{
@@ -16,5 +19,18 @@ func TestURL(t *testing.T) {
 		if got := URL(in); got != want {
 			t.Errorf("URL(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+func TestArgs(t *testing.T) {
+	in := []string{"userapi", "serve", "--db", "postgres://u:hunter2@h/db", "--redis=redis://:hunter3@h:6379/0", "-db=mysql://r:p@h/d", "--cache=local",
+		"x=postgres://u:p@h/d", "--admin-key", "k1", "--jwt-secret=s1", "--db-password", "p1", "--public-metrics", "--addr", ":8080"}
+	want := []string{"userapi", "serve", "--db", "postgres://u:xxxxx@h/db", "--redis=redis://:xxxxx@h:6379/0", "-db=mysql://r:xxxxx@h/d", "--cache=local",
+		"<unparsable URL redacted>", "--admin-key", "xxxxx", "--jwt-secret=xxxxx", "--db-password", "xxxxx", "--public-metrics", "--addr", ":8080"}
+	if got := Args(in); !slices.Equal(got, want) {
+		t.Errorf("Args(%q)\n = %q\nwant %q", in, got, want)
+	}
+	if in[3] != "postgres://u:hunter2@h/db" {
+		t.Error("Args changed its argument")
 	}
 }
