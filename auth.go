@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // Scope is one permission a credential grants. A Scope value is a set of
@@ -117,6 +118,36 @@ type APIKey struct {
 // not expired.
 func (k *APIKey) Usable(now time.Time) bool {
 	return k.RevokedAt.IsZero() && (k.ExpiresAt.IsZero() || now.Before(k.ExpiresAt))
+}
+
+// KeyCreate is the input of creating an API key.
+type KeyCreate struct {
+	Name      string    // 1..200 characters
+	Scopes    Scope     // at least one
+	ExpiresAt time.Time // zero: never; else in the future
+	RateLimit float64   // requests per second; 0: the configured default
+	RateBurst int       // 0: the configured default
+}
+
+// Validate reports every invalid field of in as a *ValidationError.
+func (in KeyCreate) Validate(now time.Time) error {
+	var v ValidationError
+	if n := utf8.RuneCountInString(in.Name); n < 1 || n > 200 || !utf8.ValidString(in.Name) {
+		v.add("name", "must be 1 to 200 characters")
+	}
+	if in.Scopes == 0 || in.Scopes&^ScopeAll != 0 {
+		v.add("scopes", "must name at least one of users:read, users:write, admin")
+	}
+	if !in.ExpiresAt.IsZero() && !in.ExpiresAt.After(now) {
+		v.add("expires_at", "must be in the future")
+	}
+	if in.RateLimit < 0 {
+		v.add("rate_limit", "must not be negative")
+	}
+	if in.RateBurst < 0 {
+		v.add("rate_burst", "must not be negative")
+	}
+	return v.orNil()
 }
 
 // KeyUse is a key's latest use, written to last_used_at in batches.
