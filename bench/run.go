@@ -80,7 +80,8 @@ type sender struct {
 	br      *bufio.Reader
 	bw      *bufio.Writer
 
-	prefix []byte // path prefix of the base URL, pre-built once
+	prefix  []byte   // path prefix of the base URL, pre-built once
+	headers []Header // Config.Headers
 	uri    []byte // scratch for the request URI
 	body   []byte // scratch for request bodies
 	curID  int64  // id of the read in flight, to remember its ETag
@@ -126,6 +127,9 @@ func (s *sender) prepare(op Op) Op {
 	}
 	req.Header.SetHostBytes(s.host)
 	req.Header.SetUserAgent(userAgent)
+	for _, h := range s.headers {
+		req.Header.Set(h.Name, h.Value)
+	}
 	s.uri = append(s.uri[:0], s.prefix...)
 	switch op {
 	case OpRead:
@@ -504,6 +508,7 @@ func newSenders(cfg *Config) ([]*sender, error) {
 			br:       bufio.NewReaderSize(nil, 8<<10),
 			bw:       bufio.NewWriterSize(nil, 4<<10),
 			prefix:   []byte(prefix),
+			headers:  cfg.Headers,
 			runTag:   runTag,
 			needETag: cfg.Workload.Mix[OpUpdate] > 0,
 		}
