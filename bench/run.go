@@ -82,14 +82,14 @@ type sender struct {
 
 	prefix  []byte   // path prefix of the base URL, pre-built once
 	headers []Header // Config.Headers
-	uri    []byte // scratch for the request URI
-	body   []byte // scratch for request bodies
-	curID  int64  // id of the read in flight, to remember its ETag
-	etagID int64  // id whose ETag is held for the next update; 0 = none
-	etag   []byte
-	cursor []byte // next_cursor of the last list page; empty = first page
-	seq    uint64 // numbers created emails and patched names
-	runTag string
+	uri     []byte   // scratch for the request URI
+	body    []byte   // scratch for request bodies
+	curID   int64    // id of the read in flight, to remember its ETag
+	etagID  int64    // id whose ETag is held for the next update; 0 = none
+	etag    []byte
+	cursor  []byte // next_cursor of the last list page; empty = first page
+	seq     uint64 // numbers created emails and patched names
+	runTag  string
 	// needETag is set when the mix has updates: only then do reads keep ETags.
 	needETag bool
 
