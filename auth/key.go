@@ -93,22 +93,37 @@ func parseKey(key []byte) (id int64, secret []byte, ok bool) {
 	if len(tail) != secretLen+checksumLen {
 		return 0, nil, false
 	}
-	for _, c := range tail {
-		if !isBase62(c) {
+	for _, c := range tail[:secretLen] {
+		if base62Value[c] < 0 {
 			return 0, nil, false
 		}
 	}
-	body := key[:len(key)-checksumLen]
-	var want [checksumLen]byte
-	if string(appendChecksum(want[:0], crc32.ChecksumIEEE(body))) != string(key[len(body):]) {
+	// The checksum digits, decoded (62^6 exceeds 2^32: a value that does
+	// not fit is not a checksum).
+	var sum uint64
+	for _, c := range tail[secretLen:] {
+		v := base62Value[c]
+		if v < 0 {
+			return 0, nil, false
+		}
+		sum = sum*uint64(base62Base) + uint64(v)
+	}
+	if sum != uint64(crc32.ChecksumIEEE(key[:len(key)-checksumLen])) {
 		return 0, nil, false
 	}
 	return id, tail[:secretLen], true
 }
 
-func isBase62(c byte) bool {
-	return '0' <= c && c <= '9' || 'A' <= c && c <= 'Z' || 'a' <= c && c <= 'z'
-}
+// base62Value is each byte's base62 digit value, -1 for other bytes.
+var base62Value = func() (t [256]int8) {
+	for i := range t {
+		t[i] = -1
+	}
+	for i := range len(base62Digits) {
+		t[base62Digits[i]] = int8(i)
+	}
+	return t
+}()
 
 // hashSecret is what the api_keys table stores of a key.
 func hashSecret(secret []byte) [sha256.Size]byte { return sha256.Sum256(secret) }

@@ -72,6 +72,7 @@ type Keys struct {
 
 // keyEntry is a verified key (or, with principal nil, an id with no key).
 type keyEntry struct {
+	loaded    time.Time // when the row was read; older than KeyTTL is a miss
 	principal *userapi.Principal
 	hash      [32]byte
 	expires   time.Time // zero: never
@@ -97,10 +98,9 @@ func NewKeys(ctx context.Context, store userapi.KeyStore, cfg KeysConfig) (*Keys
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	c, err := otter.New(&otter.Options[int64, *keyEntry]{
-		MaximumSize:      maxCachedKeys,
-		ExpiryCalculator: otter.ExpiryWriting[int64, *keyEntry](cfg.KeyTTL),
-	})
+	// No ExpiryCalculator: otter would read the clock on every Get. An
+	// entry's age is checked against the request's own time instead.
+	c, err := otter.New(&otter.Options[int64, *keyEntry]{MaximumSize: maxCachedKeys})
 	if err != nil {
 		return nil, fmt.Errorf("key cache: %w", err)
 	}
@@ -133,7 +133,7 @@ func (k *Keys) Authenticate(ctx context.Context, key []byte, now time.Time) (*us
 	}
 	sum := hashSecret(secret)
 	e, ok := k.cache.GetIfPresent(id)
-	if !ok {
+	if !ok || now.Sub(e.loaded) > k.cfg.KeyTTL {
 		var err error
 		if e, err = k.load(ctx, id); err != nil {
 			return nil, err
@@ -164,6 +164,7 @@ var (
 func (k *Keys) load(ctx context.Context, id int64) (*keyEntry, error) {
 	v, err, _ := k.loads.Do(strconv.FormatInt(id, 10), func() (any, error) {
 		gen := k.gen.Load()
+		loaded := time.Now()
 		row, err := k.store.GetKey(ctx, id)
 		e := &keyEntry{}
 		switch {
@@ -173,6 +174,7 @@ func (k *Keys) load(ctx context.Context, id int64) (*keyEntry, error) {
 		default:
 			e = newEntry(row)
 		}
+		e.loaded = loaded
 		k.cache.Set(id, e)
 		if k.gen.Load() != gen {
 			k.cache.Invalidate(id) // flushed while reading: the row may predate a revoke
