@@ -84,7 +84,9 @@ type keyEntry struct {
 }
 
 // NewKeys starts the revision and last-used loops over store; Close stops
-// them. It reads the table's revision once, and fails when it cannot.
+// them. It reads the table's revision once; when it cannot (a slow or
+// briefly unreachable database), it starts anyway and the revision loop
+// keeps trying, which costs nothing: there is no verified key to flush yet.
 func NewKeys(ctx context.Context, store userapi.KeyStore, cfg KeysConfig) (*Keys, error) {
 	if cfg.RevisionInterval <= 0 {
 		cfg.RevisionInterval = DefaultRevisionInterval
@@ -106,7 +108,7 @@ func NewKeys(ctx context.Context, store userapi.KeyStore, cfg KeysConfig) (*Keys
 	}
 	k := &Keys{store: store, cfg: cfg, log: cfg.Logger, cache: c, stop: make(chan struct{})}
 	if k.rev, err = store.KeysRevision(ctx); err != nil {
-		return nil, fmt.Errorf("read api key revision: %w", err)
+		cfg.Logger.Warn("cannot read the api keys revision yet; the check retries", "err", err)
 	}
 	k.done.Add(2)
 	go k.revisionLoop()
