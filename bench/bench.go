@@ -28,6 +28,7 @@ import (
 	"io"
 	"net/url"
 	"os"
+	"strings"
 	"time"
 )
 
@@ -79,6 +80,24 @@ type Config struct {
 
 	// Seed makes the random choices of a run repeatable; 0 picks one.
 	Seed uint64
+
+	// Headers are sent with every request: the credential of a service
+	// with authentication on (--api-key K is Authorization: Bearer K), or
+	// anything else a test needs (--header).
+	Headers []Header
+}
+
+// Header is one request header of Config.Headers.
+type Header struct{ Name, Value string }
+
+// parseHeader parses "Name: value".
+func parseHeader(s string) (Header, error) {
+	name, value, ok := strings.Cut(s, ":")
+	name, value = strings.TrimSpace(name), strings.TrimSpace(value)
+	if !ok || name == "" || strings.ContainsAny(name, " \t\r\n") || strings.ContainsAny(value, "\r\n") {
+		return Header{}, fmt.Errorf("--header %q: want 'Name: value'", s)
+	}
+	return Header{name, value}, nil
 }
 
 // Defaults of the command line, chosen for a quick but meaningful run on a
@@ -215,6 +234,20 @@ func addRunFlags(fs *flag.FlagSet, c *Config, mix, keyDist *string) {
 	fs.StringVar(keyDist, "key-dist", "", "how ids are drawn: uniform | zipf (default: zipf for --workload zipf, else uniform)")
 	fs.IntVar(&c.Workload.ListLimit, "list-limit", 50, "page size of list requests in the mixed workload")
 	fs.Uint64Var(&c.Seed, "seed", 0, "random seed for repeatable runs (0 = random)")
+	fs.Func("api-key", "send this API key (or bearer token) as Authorization: Bearer …", func(key string) error {
+		if key == "" || strings.ContainsAny(key, " \r\n") {
+			return fmt.Errorf("not a credential")
+		}
+		c.Headers = append(c.Headers, Header{"Authorization", "Bearer " + key})
+		return nil
+	})
+	fs.Func("header", "send this header with every request, as 'Name: value' (repeatable)", func(s string) error {
+		h, err := parseHeader(s)
+		if err == nil {
+			c.Headers = append(c.Headers, h)
+		}
+		return err
+	})
 }
 
 // finishRunFlags turns the raw flag values into the workload: the mix and the

@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -185,6 +186,14 @@ func Ladder(ctx context.Context, cfg LadderConfig) (*LadderResult, error) {
 		}
 	}
 
+	// Every step runs with authentication on, as the service is deployed:
+	// one key for the whole ladder, revoked at the end.
+	revoke, err := ladderKey(ctx, &cfg, logw)
+	if err != nil {
+		return nil, fmt.Errorf("ladder: %w", err)
+	}
+	defer revoke()
+
 	var first, prev float64
 	for i, step := range cfg.Steps {
 		if err := ctx.Err(); err != nil {
@@ -310,6 +319,35 @@ func runTool(ctx context.Context, binary string, logw io.Writer, args ...string)
 		return fmt.Errorf("%s %s: %w", binary, args[0], err)
 	}
 	return nil
+}
+
+// ladderKey creates an API key for the ladder's requests with `userapi keys
+// create`, adds it to cfg.Bench.Headers, and returns the function that
+// revokes it.
+func ladderKey(ctx context.Context, cfg *LadderConfig, logw io.Writer) (func(), error) {
+	var out bytes.Buffer
+	cmd := exec.CommandContext(ctx, cfg.Binary, "keys", "create", "--db", cfg.DB,
+		"--name", "userapi bench ladder", "--scopes", "users:read,users:write")
+	cmd.Env = ladderEnv()
+	cmd.Stdout, cmd.Stderr = &out, logw
+	cmd.WaitDelay = 10 * time.Second
+	if err := cmd.Run(); err != nil {
+		return nil, fmt.Errorf("%s keys create: %w", cfg.Binary, err)
+	}
+	key := strings.TrimSpace(out.String())
+	id, _, ok := strings.Cut(strings.TrimPrefix(key, "uak_"), "_")
+	if !strings.HasPrefix(key, "uak_") || !ok {
+		return nil, fmt.Errorf("%s keys create printed no key", cfg.Binary)
+	}
+	cfg.Bench.Headers = append(slices.Clip(cfg.Bench.Headers), Header{"Authorization", "Bearer " + key})
+	return func() {
+		// A fresh context: the ladder's may have ended (interrupt).
+		rctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := runTool(rctx, cfg.Binary, logw, "keys", "revoke", "--db", cfg.DB, id); err != nil {
+			fmt.Fprintf(logw, "ladder: could not revoke its api key %s: %v\n", id, err)
+		}
+	}, nil
 }
 
 // freeAddr returns a 127.0.0.1 address with a port that was free a moment

@@ -80,15 +80,16 @@ type sender struct {
 	br      *bufio.Reader
 	bw      *bufio.Writer
 
-	prefix []byte // path prefix of the base URL, pre-built once
-	uri    []byte // scratch for the request URI
-	body   []byte // scratch for request bodies
-	curID  int64  // id of the read in flight, to remember its ETag
-	etagID int64  // id whose ETag is held for the next update; 0 = none
-	etag   []byte
-	cursor []byte // next_cursor of the last list page; empty = first page
-	seq    uint64 // numbers created emails and patched names
-	runTag string
+	prefix  []byte   // path prefix of the base URL, pre-built once
+	headers []Header // Config.Headers
+	uri     []byte   // scratch for the request URI
+	body    []byte   // scratch for request bodies
+	curID   int64    // id of the read in flight, to remember its ETag
+	etagID  int64    // id whose ETag is held for the next update; 0 = none
+	etag    []byte
+	cursor  []byte // next_cursor of the last list page; empty = first page
+	seq     uint64 // numbers created emails and patched names
+	runTag  string
 	// needETag is set when the mix has updates: only then do reads keep ETags.
 	needETag bool
 
@@ -126,6 +127,9 @@ func (s *sender) prepare(op Op) Op {
 	}
 	req.Header.SetHostBytes(s.host)
 	req.Header.SetUserAgent(userAgent)
+	for _, h := range s.headers {
+		req.Header.Set(h.Name, h.Value)
+	}
 	s.uri = append(s.uri[:0], s.prefix...)
 	switch op {
 	case OpRead:
@@ -504,6 +508,7 @@ func newSenders(cfg *Config) ([]*sender, error) {
 			br:       bufio.NewReaderSize(nil, 8<<10),
 			bw:       bufio.NewWriterSize(nil, 4<<10),
 			prefix:   []byte(prefix),
+			headers:  cfg.Headers,
 			runTag:   runTag,
 			needETag: cfg.Workload.Mix[OpUpdate] > 0,
 		}

@@ -35,7 +35,7 @@ const (
 // agrees with the database.
 func TestKillInstanceUnderLoad(t *testing.T) {
 	c := startCluster(t, 3)
-	l := newLoad(t, c.url, loadWorkers, loadUsers)
+	l := newLoad(t, c, loadWorkers, loadUsers)
 	stop := l.start(loadPace)
 	step := func(d time.Duration, args ...string) {
 		t.Helper()
@@ -98,7 +98,7 @@ func (c *cluster) retriedRequests(t *testing.T) map[string]int {
 // waited for, under load: not one request fails.
 func TestRollingRestartUnderLoad(t *testing.T) {
 	c := startCluster(t, 3)
-	l := newLoad(t, c.url, loadWorkers, loadUsers)
+	l := newLoad(t, c, loadWorkers, loadUsers)
 	stop := l.start(loadPace)
 	for i := range c.addrs {
 		time.Sleep(500 * time.Millisecond)
@@ -135,12 +135,12 @@ func TestRollingRestartUnderLoad(t *testing.T) {
 // address nginx saw, never one a client wrote into the header.
 func TestForwardedHeaders(t *testing.T) {
 	c := startCluster(t, 2)
-	direct := newClient(2)
+	direct := c.newClient(2)
 	// An outside client: loopback, but not the trusted proxy address.
 	outside := &http.Client{
-		Transport: &http.Transport{
+		Transport: bearer{c.key, &http.Transport{
 			DialContext: (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.2")}}).DialContext,
-		},
+		}},
 		Timeout: 10 * time.Second,
 	}
 	get := func(client *http.Client, url string, hdr map[string]string) *http.Response {
@@ -310,7 +310,7 @@ const cacheWindow = 3 * time.Second
 // It retries for cacheWindow before reporting what still disagrees.
 func checkCaches(t *testing.T, c *cluster, l *load) {
 	t.Helper()
-	client := newClient(4)
+	client := c.newClient(4)
 	ctx := context.Background()
 	deadline := time.Now().Add(cacheWindow)
 	for {

@@ -157,6 +157,7 @@ type cluster struct {
 	addrs      []string // instance i+1 listens on addrs[i]
 	debugAddrs []string
 	db         *pgxpool.Pool
+	key        string // the API key scripts/cluster up made
 }
 
 // startCluster brings up n instances with the tiered cache over a fresh
@@ -218,6 +219,11 @@ func startCluster(t *testing.T, n int, serveFlags ...string) *cluster {
 	if err := c.script(args...); err != nil {
 		t.Fatalf("scripts/cluster up: %v", err)
 	}
+	key, err := os.ReadFile(filepath.Join(c.dir, "api-key"))
+	if err != nil {
+		t.Fatalf("scripts/cluster up wrote no api key: %v", err)
+	}
+	c.key = strings.TrimSpace(string(key))
 	return c
 }
 
@@ -270,18 +276,30 @@ func (c *cluster) instanceURL(i int) string {
 	return "http://" + c.addrs[i-1]
 }
 
-// newClient returns a keep-alive HTTP client. Its timeout is above nginx's
-// bound on one request with its retries (proxy_next_upstream_timeout 10s
-// plus one read timeout).
-func newClient(conns int) *http.Client {
+// newClient returns a keep-alive HTTP client that sends the cluster's API
+// key. Its timeout is above nginx's bound on one request with its retries
+// (proxy_next_upstream_timeout 10s plus one read timeout).
+func (c *cluster) newClient(conns int) *http.Client {
 	return &http.Client{
-		Transport: &http.Transport{
+		Transport: bearer{c.key, &http.Transport{
 			MaxIdleConnsPerHost: conns,
 			IdleConnTimeout:     30 * time.Second,
 			DisableCompression:  true,
-		},
+		}},
 		Timeout: 20 * time.Second,
 	}
+}
+
+// bearer sends key as every request's credential.
+type bearer struct {
+	key  string
+	next http.RoundTripper
+}
+
+func (b bearer) RoundTrip(req *http.Request) (*http.Response, error) {
+	req = req.Clone(req.Context())
+	req.Header.Set("Authorization", "Bearer "+b.key)
+	return b.next.RoundTrip(req)
 }
 
 // dbUser is a users row as the checks compare it.

@@ -277,11 +277,12 @@ type load struct {
 	workers []*worker
 }
 
-// newLoad creates workers users per worker through base (before any fault
-// is injected) and returns the load ready to run.
-func newLoad(t *testing.T, base string, workers, usersEach int) *load {
+// newLoad creates workers users per worker through the cluster's nginx
+// (before any fault is injected) and returns the load ready to run.
+func newLoad(t *testing.T, c *cluster, workers, usersEach int) *load {
 	t.Helper()
-	client := newClient(workers)
+	base := c.url
+	client := c.newClient(workers)
 	tag := randomHex(4)
 	l := &load{}
 	for n := range workers {

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/valyala/fasthttp"
 
@@ -101,6 +102,53 @@ func (f *faultStore) Ping(ctx context.Context) error {
 		return err
 	}
 	return f.Store.Ping(ctx)
+}
+
+// The api_keys methods, with the same faults, so tests reach the admin
+// routes' 500 and 503.
+
+func (f *faultStore) keys() userapi.KeyStore { return f.Store.(userapi.KeyStore) }
+
+func (f *faultStore) CreateKey(ctx context.Context, k userapi.APIKey) (*userapi.APIKey, error) {
+	if err := f.fault(ctx); err != nil {
+		return nil, err
+	}
+	return f.keys().CreateKey(ctx, k)
+}
+
+func (f *faultStore) GetKey(ctx context.Context, id int64) (*userapi.APIKey, error) {
+	if err := f.fault(ctx); err != nil {
+		return nil, err
+	}
+	return f.keys().GetKey(ctx, id)
+}
+
+func (f *faultStore) ListKeys(ctx context.Context) ([]*userapi.APIKey, error) {
+	if err := f.fault(ctx); err != nil {
+		return nil, err
+	}
+	return f.keys().ListKeys(ctx)
+}
+
+func (f *faultStore) RevokeKey(ctx context.Context, id int64, at time.Time) (*userapi.APIKey, error) {
+	if err := f.fault(ctx); err != nil {
+		return nil, err
+	}
+	return f.keys().RevokeKey(ctx, id, at)
+}
+
+func (f *faultStore) TouchKeys(ctx context.Context, uses []userapi.KeyUse) error {
+	if err := f.fault(ctx); err != nil {
+		return err
+	}
+	return f.keys().TouchKeys(ctx, uses)
+}
+
+func (f *faultStore) KeysRevision(ctx context.Context) (userapi.KeysRevision, error) {
+	if err := f.fault(ctx); err != nil {
+		return userapi.KeysRevision{}, err
+	}
+	return f.keys().KeysRevision(ctx)
 }
 
 // encodingStore adds GetUserEncoded to a store, the way the cache does,

@@ -19,6 +19,8 @@ const (
 	typeEmailTaken          = "urn:userapi:problem:email-taken"
 	typeVersionMismatch     = "urn:userapi:problem:version-mismatch"
 	typeIdempotencyMismatch = "urn:userapi:problem:idempotency-mismatch"
+	typeUnauthenticated     = "urn:userapi:problem:unauthenticated"
+	typeForbidden           = "urn:userapi:problem:forbidden"
 )
 
 // problem is an error response: the RFC 9457 members and the headers that
@@ -32,6 +34,10 @@ type problem struct {
 	Fields     []userapi.FieldError // the "errors" member
 	RetryAfter bool                 // adds Retry-After: 1
 	Allow      string               // the Allow header of a 405
+	// Authenticate is the WWW-Authenticate header of a 401; Scope, of a
+	// 403, names the missing scope in one.
+	Authenticate []byte
+	Scope        userapi.Scope
 }
 
 func (p *problem) Error() string { return strconv.Itoa(p.Status) + " " + p.Detail }
@@ -77,6 +83,18 @@ func problemFor(err error) (p problem, level slog.Level, logged bool) {
 			Detail: "The request has invalid fields; see errors.",
 			Fields: verr.Fields,
 		}, 0, false
+	case errors.Is(err, userapi.ErrUnauthenticated):
+		// One answer for every bad credential: unknown, revoked, expired,
+		// wrong secret, bad signature, wrong issuer or audience.
+		return problem{
+			Status:       fasthttp.StatusUnauthorized,
+			Type:         typeUnauthenticated,
+			Title:        "Invalid credential",
+			Detail:       "The credential is not valid: unknown, revoked, expired or malformed.",
+			Authenticate: wwwAuthenticateInvalid,
+		}, 0, false
+	case errors.Is(err, userapi.ErrKeyNotFound):
+		return problem{Status: fasthttp.StatusNotFound, Detail: "No API key has this id."}, 0, false
 	case errors.Is(err, userapi.ErrNotFound):
 		return problem{Status: fasthttp.StatusNotFound, Detail: "No user has this id."}, 0, false
 	case errors.Is(err, userapi.ErrEmailTaken):
@@ -153,6 +171,13 @@ func (s *Server) writeProblem(rc *fasthttp.RequestCtx, p problem) {
 	}
 	if p.Allow != "" {
 		rc.Response.Header.SetCanonical(hAllow, []byte(p.Allow))
+	}
+	if p.Authenticate != nil {
+		rc.Response.Header.SetCanonical(hWWWAuthenticate, p.Authenticate)
+	}
+	if p.Scope != 0 {
+		rc.Response.Header.SetCanonical(hWWWAuthenticate,
+			[]byte(`Bearer realm="userapi", error="insufficient_scope", scope="`+p.Scope.String()+`"`))
 	}
 
 	b := rc.Response.SwapBody(nil)[:0]

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/valyala/fasthttp"
+
+	"userapi"
 )
 
 // handlerFunc serves one route. ctx carries the request deadline and is
@@ -20,26 +22,45 @@ type route struct {
 	method   string // GET, POST, PUT, PATCH or DELETE; GET also answers HEAD
 	template string // the path as openapi.json writes it, and the metrics label
 	handle   handlerFunc
+	// scope is what the caller's credential must hold (when Options.Auth
+	// is set); open routes have none. openapi.json lists the same scopes.
+	scope userapi.Scope
 }
+
+// Scopes of the routes, by the names routes() reads best with.
+const (
+	open  userapi.Scope = 0
+	read                = userapi.ScopeUsersRead
+	write               = userapi.ScopeUsersWrite
+	admin               = userapi.ScopeAdmin
+)
 
 // routes is the whole API surface. The OpenAPI test checks that this list
 // and openapi.json name the same operations.
 func (s *Server) routes() []route {
 	rs := []route{
-		{"GET", "/users", s.listUsers},
-		{"POST", "/users", s.createUser},
-		{"GET", "/users/{id}", s.getUser},
-		{"PUT", "/users/{id}", s.replaceUser},
-		{"PATCH", "/users/{id}", s.patchUser},
-		{"DELETE", "/users/{id}", s.deleteUser},
-		{"GET", "/livez", s.livez},
-		{"GET", "/readyz", s.readyz},
-		{"GET", "/openapi.json", s.openAPI},
+		{"GET", "/users", s.listUsers, read},
+		{"POST", "/users", s.createUser, write},
+		{"GET", "/users/{id}", s.getUser, read},
+		{"PUT", "/users/{id}", s.replaceUser, write},
+		{"PATCH", "/users/{id}", s.patchUser, write},
+		{"DELETE", "/users/{id}", s.deleteUser, write},
+		{"GET", "/livez", s.livez, open},
+		{"GET", "/readyz", s.readyz, open},
+		{"GET", "/openapi.json", s.openAPI, open},
+	}
+	if s.opts.Keys != nil {
+		rs = append(rs,
+			route{"POST", "/admin/keys", s.createKey, admin},
+			route{"GET", "/admin/keys", s.listKeys, admin},
+			route{"DELETE", "/admin/keys/{id}", s.revokeKey, admin},
+		)
 	}
 	if s.opts.PublicMetrics && s.opts.Metrics != nil {
 		// Off by default: the debug listener always has it, and the public
-		// one should not tell everyone the service's internals.
-		rs = append(rs, route{"GET", "/metrics", s.promMetrics()})
+		// one should not tell everyone the service's internals. Open like
+		// /readyz: a scraper holds no API credential.
+		rs = append(rs, route{"GET", "/metrics", s.promMetrics(), open})
 	}
 	return rs
 }
@@ -54,16 +75,26 @@ func (s *Server) routes() []route {
 //  4. recovery (deferred, in finish): a panic becomes a logged 500
 //  5. deadline: the handler's context ends RequestTimeout after the
 //     request started (rounded up to 10 ms, see context.go)
-//  6. the handler; a returned error becomes problem+json (problem.go)
-//  7. gzip of bodies of at least GzipMinBytes the client accepts gzip for
-//  8. metrics: requests by route template, method and status; duration;
+//  6. authentication (auth.go), when Options.Auth is set and the route
+//     has a scope: 401 for a missing or bad credential, 403 for a missing
+//     scope; the Principal is put on the request (PrincipalOf)
+//  7. the handler; a returned error becomes problem+json (problem.go)
+//  8. gzip of bodies of at least GzipMinBytes the client accepts gzip for
+//  9. metrics: requests by route template, method and status; duration;
 //     at debug level one log line
 func (s *Server) serve(rc *fasthttp.RequestCtx) {
 	s.metrics.inFlight.Inc()
 	s.setRequestID(rc)
 	ep := s.endpoint(rc)
 	defer s.finish(rc, ep)
-	if err := ep.handle(rc, s.deadlines.context(rc.Time())); err != nil {
+	ctx := s.deadlines.context(rc.Time())
+	if ep.scope != open && s.opts.Auth != nil {
+		if err := s.authorize(rc, ctx, ep.scope); err != nil {
+			s.writeError(rc, err)
+			return
+		}
+	}
+	if err := ep.handle(rc, ctx); err != nil {
 		s.writeError(rc, err)
 	}
 }
@@ -154,6 +185,7 @@ type resource struct {
 
 type endpoint struct {
 	handle  handlerFunc
+	scope   userapi.Scope
 	metrics *routeMetrics
 }
 
@@ -178,9 +210,9 @@ func (s *Server) newRouter() router {
 			order = append(order, res)
 		}
 		m := methodIndex([]byte(rt.method))
-		res.endpoints[m].handle = rt.handle
+		res.endpoints[m].handle, res.endpoints[m].scope = rt.handle, rt.scope
 		if m == methodGet {
-			res.endpoints[methodHead].handle = rt.handle
+			res.endpoints[methodHead].handle, res.endpoints[methodHead].scope = rt.handle, rt.scope
 		}
 	}
 	r.notFound = &resource{template: routeUnmatched}

@@ -79,6 +79,13 @@ type Options struct {
 	// Gatherer (a *prometheus.Registry), that is served.
 	Metrics prometheus.Gatherer
 
+	// Auth, when set, authenticates every request to a route with a
+	// scope (all but /livez, /readyz, /openapi.json and /metrics) before
+	// its handler runs. nil serves without authentication (--auth off).
+	Auth Authenticator
+	// Keys, when set, serves the /admin/keys routes (scope admin).
+	Keys KeyAdmin
+
 	// TrustedProxies are the peers whose X-Forwarded-For is believed when
 	// logging the client address. Empty trusts nobody.
 	TrustedProxies []netip.Prefix

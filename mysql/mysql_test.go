@@ -33,6 +33,11 @@ func TestStore(t *testing.T) {
 	storetest.Run(t, func(t *testing.T) userapi.Store { return newStore(t) })
 }
 
+func TestKeyConformance(t *testing.T) {
+	serverURL(t)
+	storetest.RunKeys(t, func(t *testing.T) userapi.KeyStore { return newStore(t) })
+}
+
 func TestConfig(t *testing.T) {
 	tests := []struct {
 		url  string

@@ -49,6 +49,13 @@ func TestConformance(t *testing.T) {
 	})
 }
 
+func TestKeyConformance(t *testing.T) {
+	storetest.RunKeys(t, func(t *testing.T) userapi.KeyStore {
+		s, _ := openStore(t, postgres.Options{})
+		return s
+	})
+}
+
 // The benchmark ladder's bottom step must behave exactly like the pool.
 func TestConformanceNoPool(t *testing.T) {
 	storetest.Run(t, func(t *testing.T) userapi.Store {

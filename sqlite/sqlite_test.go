@@ -52,6 +52,13 @@ func TestConformance(t *testing.T) {
 	})
 }
 
+func TestKeyConformance(t *testing.T) {
+	storetest.RunKeys(t, func(t *testing.T) userapi.KeyStore {
+		s, _ := newStore(t, Options{})
+		return s
+	})
+}
+
 func TestParseURL(t *testing.T) {
 	tests := []struct {
 		url, want string

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"userapi/auth"
 	"userapi/cache"
 	"userapi/http"
 	"userapi/internal/redact"
@@ -52,6 +53,16 @@ type config struct {
 	ShutdownTimeout time.Duration
 	DrainDelay      time.Duration
 	RedisPrefix     string
+
+	Auth             string
+	BootstrapKey     bool
+	KeyCheckInterval time.Duration
+	JWKSURL          string
+	JWTPublicKey     string
+	JWTIssuer        string
+	JWTAudience      string
+	JWTAlgorithms    string
+	JWTLeeway        time.Duration
 
 	LogLevel  string
 	LogFormat string
@@ -100,7 +111,37 @@ func (c *config) serveFlags(fs *flag.FlagSet) {
 	// 1s: long enough for a balancer to finish the exchanges it has started
 	// on this instance's keep-alive connections and reconnect elsewhere.
 	fs.DurationVar(&c.DrainDelay, "drain-delay", time.Second, "on shutdown, keep serving this long with /readyz failing and Connection: close")
+	c.authFlags(fs)
 	c.logFlags(fs)
+}
+
+// authFlags registers the authentication flags of `userapi serve`
+// (docs/security.md).
+func (c *config) authFlags(fs *flag.FlagSet) {
+	fs.StringVar(&c.Auth, "auth", "on", "authentication: on (API keys and, when configured, bearer JWTs) or off (for benchmarks only)")
+	fs.BoolVar(&c.BootstrapKey, "bootstrap-key", true, "on the first start with an empty api_keys table, create an admin key and print it once on stderr")
+	fs.DurationVar(&c.KeyCheckInterval, "key-check-interval", auth.DefaultRevisionInterval, "how often to check the api_keys table for revocations made elsewhere")
+	fs.StringVar(&c.JWKSURL, "jwt-jwks-url", "", "JWKS URL of the identity provider whose bearer JWTs are accepted")
+	fs.StringVar(&c.JWTPublicKey, "jwt-public-key", "", "PEM file with the public key that signs accepted bearer JWTs (instead of --jwt-jwks-url)")
+	fs.StringVar(&c.JWTIssuer, "jwt-issuer", "", "required iss of bearer JWTs")
+	fs.StringVar(&c.JWTAudience, "jwt-audience", "", "required aud of bearer JWTs")
+	fs.StringVar(&c.JWTAlgorithms, "jwt-algorithms", auth.DefaultJWTAlgorithms, "accepted JWT signature algorithms, comma-separated (asymmetric only)")
+	fs.DurationVar(&c.JWTLeeway, "jwt-leeway", auth.DefaultJWTLeeway, "clock skew tolerated on JWT exp and nbf")
+}
+
+// authConfig is the auth package's configuration from c.
+func (c *config) authConfig(log *slog.Logger) auth.Config {
+	return auth.Config{
+		Keys: auth.KeysConfig{RevisionInterval: c.KeyCheckInterval, Logger: log},
+		JWT: auth.JWTConfig{
+			JWKSURL:       c.JWKSURL,
+			PublicKeyFile: c.JWTPublicKey,
+			Issuer:        c.JWTIssuer,
+			Audience:      c.JWTAudience,
+			Algorithms:    c.JWTAlgorithms,
+			Leeway:        c.JWTLeeway,
+		},
+	}
 }
 
 func (c *config) logFlags(fs *flag.FlagSet) {

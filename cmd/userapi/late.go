@@ -4,8 +4,11 @@ import (
 	"context"
 	"fmt"
 	"sync/atomic"
+	"time"
 
 	"userapi"
+	"userapi/auth"
+	"userapi/http"
 )
 
 // errStarting answers requests that arrive before the database is open.
@@ -94,3 +97,44 @@ func (l *lateStore) Ping(ctx context.Context) error {
 
 // Close does nothing: serve closes the cache and the store it opened.
 func (l *lateStore) Close() error { return nil }
+
+// lateAuth is the authenticator and key admin the server starts with: until
+// set, every credential check fails with errStarting (503), like lateStore.
+type lateAuth struct {
+	p atomic.Pointer[auth.Authenticator]
+}
+
+var (
+	_ http.Authenticator = (*lateAuth)(nil)
+	_ http.KeyAdmin      = (*lateAuth)(nil)
+)
+
+func (l *lateAuth) set(a *auth.Authenticator) { l.p.Store(a) }
+
+func (l *lateAuth) Authenticate(ctx context.Context, authorization []byte, now time.Time) (*userapi.Principal, error) {
+	if a := l.p.Load(); a != nil {
+		return a.Authenticate(ctx, authorization, now)
+	}
+	return nil, errStarting
+}
+
+func (l *lateAuth) Create(ctx context.Context, in userapi.KeyCreate) (string, *userapi.APIKey, error) {
+	if a := l.p.Load(); a != nil {
+		return a.Create(ctx, in)
+	}
+	return "", nil, errStarting
+}
+
+func (l *lateAuth) List(ctx context.Context) ([]*userapi.APIKey, error) {
+	if a := l.p.Load(); a != nil {
+		return a.List(ctx)
+	}
+	return nil, errStarting
+}
+
+func (l *lateAuth) Revoke(ctx context.Context, id int64) (*userapi.APIKey, error) {
+	if a := l.p.Load(); a != nil {
+		return a.Revoke(ctx, id)
+	}
+	return nil, errStarting
+}

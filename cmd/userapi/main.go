@@ -4,6 +4,7 @@
 //	userapi serve   [flags]   the service (SQLite and the local cache by default)
 //	userapi migrate [flags]   apply pending migrations
 //	userapi seed    [flags]   bulk-load generated users
+//	userapi keys    create|list|revoke   manage API keys
 //	userapi bench   URL …     the load generator and report; `bench ladder` for the optimization ladder
 //
 // Every flag can also be set with a USERAPI_* environment variable
@@ -49,6 +50,7 @@ commands:
   serve     run the service
   migrate   apply pending database migrations
   seed      bulk-load generated users (--users N)
+  keys      manage API keys: create, list, revoke
   bench     load-generate against a URL; "bench ladder" compares optimization steps
 
 "userapi <command> -h" lists a command's flags; each flag can also be set
@@ -70,6 +72,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return migrate(ctx, args, getenv, stderr)
 	case "seed":
 		return seed(ctx, args, getenv, stderr)
+	case "keys":
+		return keysCmd(ctx, args, getenv, stdout, stderr)
 	case "bench":
 		return benchCmd(ctx, args, stdout, stderr)
 	case "help", "-h", "--help":

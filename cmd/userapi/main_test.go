@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -101,14 +102,50 @@ func startService(t *testing.T, env map[string]string, args ...string) (string, 
 	return base, logs, stop
 }
 
-func TestServeSQLiteEndToEnd(t *testing.T) {
-	db := "sqlite:" + filepath.Join(t.TempDir(), "e2e.db")
-	base, logs, stop := startService(t, nil, "--db", db)
+// firstKey returns the admin key the first start printed on stderr.
+func firstKey(t *testing.T, logs *syncBuffer) string {
+	t.Helper()
+	key := regexp.MustCompile(`uak_[0-9]+_[0-9A-Za-z]{38}`).FindString(logs.String())
+	if key == "" {
+		t.Fatalf("no first api key printed:\n%s", logs)
+	}
+	return key
+}
 
-	resp, err := http.Post(base+"/users", "application/json", strings.NewReader(`{"email":"Ada@Example.com","name":"Ada"}`))
+// do sends a request with key as its bearer credential.
+func do(t *testing.T, method, url, key, body string) *http.Response {
+	t.Helper()
+	req, err := http.NewRequest(method, url, strings.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
 	}
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if key != "" {
+		req.Header.Set("Authorization", "Bearer "+key)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp
+}
+
+func TestServeSQLiteEndToEnd(t *testing.T) {
+	db := "sqlite:" + filepath.Join(t.TempDir(), "e2e.db")
+	base, logs, stop := startService(t, nil, "--db", db)
+	key := firstKey(t, logs)
+	if n := strings.Count(logs.String(), key); n != 2 {
+		t.Errorf("the first key appears %d times in the output, want twice (the key and the curl line)", n)
+	}
+
+	resp := do(t, "POST", base+"/users", "", `{"email":"Ada@Example.com","name":"Ada"}`)
+	resp.Body.Close()
+	if resp.StatusCode != 401 || resp.Header.Get("WWW-Authenticate") == "" {
+		t.Fatalf("POST /users without a key = %d, WWW-Authenticate %q; want 401 with the header", resp.StatusCode, resp.Header.Get("WWW-Authenticate"))
+	}
+	resp = do(t, "POST", base+"/users", key, `{"email":"Ada@Example.com","name":"Ada"}`)
 	var created struct {
 		ID    int64  `json:"id"`
 		Email string `json:"email"`
@@ -118,10 +155,7 @@ func TestServeSQLiteEndToEnd(t *testing.T) {
 	if resp.StatusCode != 201 || created.Email != "ada@example.com" {
 		t.Fatalf("POST /users = %d %+v", resp.StatusCode, created)
 	}
-	resp, err = http.Get(fmt.Sprintf("%s/users/%d", base, created.ID))
-	if err != nil {
-		t.Fatal(err)
-	}
+	resp = do(t, "GET", fmt.Sprintf("%s/users/%d", base, created.ID), key, "")
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	if resp.StatusCode != 200 || resp.Header.Get("ETag") != `"1"` || !strings.Contains(string(body), `"email":"ada@example.com"`) {
@@ -134,12 +168,13 @@ func TestServeSQLiteEndToEnd(t *testing.T) {
 		t.Errorf("no clean shutdown in the log:\n%s", logs)
 	}
 
-	// The write is durable: a new process on the same file sees it.
-	base, _, _ = startService(t, nil, "--db", db)
-	resp, err = http.Get(fmt.Sprintf("%s/users/%d", base, created.ID))
-	if err != nil {
-		t.Fatal(err)
+	// The write is durable: a new process on the same file sees it, and
+	// the key still works there; no second first key is made.
+	base, logs, _ = startService(t, nil, "--db", db)
+	if strings.Contains(logs.String(), "uak_") {
+		t.Errorf("a restart on a database with keys printed a new one:\n%s", logs)
 	}
+	resp = do(t, "GET", fmt.Sprintf("%s/users/%d", base, created.ID), key, "")
 	resp.Body.Close()
 	if resp.StatusCode != 200 {
 		t.Errorf("GET after restart = %d, want 200", resp.StatusCode)
@@ -303,11 +338,10 @@ func TestReadyzBeforeDatabase(t *testing.T) {
 	if resp.StatusCode != 503 || resp.Header.Get("Retry-After") == "" {
 		t.Errorf("/readyz = %d Retry-After=%q, want 503 with Retry-After", resp.StatusCode, resp.Header.Get("Retry-After"))
 	}
+	// A credential cannot be checked before the database is open: 503, as
+	// for the request itself.
 	for path, want := range map[string]int{"/livez": 200, "/users/1": 503} {
-		resp, err := http.Get("http://" + addr + path)
-		if err != nil {
-			t.Fatal(err)
-		}
+		resp := do(t, "GET", "http://"+addr+path, "uak_1_"+strings.Repeat("a", 38), "")
 		resp.Body.Close()
 		if resp.StatusCode != want {
 			t.Errorf("%s while starting = %d, want %d", path, resp.StatusCode, want)

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -18,6 +19,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"userapi"
+	"userapi/auth"
 	"userapi/cache"
 	"userapi/http"
 	"userapi/internal/redact"
@@ -38,51 +41,138 @@ func newLogger(c *config, w io.Writer) (*slog.Logger, error) {
 	return nil, fmt.Errorf("%w: --log-format %q is not text or json", errUsage, c.LogFormat)
 }
 
-// serve runs the service until ctx is cancelled, then drains in-flight
-// requests and closes the cache and the database pool, in that order.
+// serve runs the service until ctx is cancelled. The start-up order:
+//
+//  1. configuration, checked before anything starts
+//  2. listeners (public, debug), over a store and an authenticator that
+//     answer 503 until they are ready, so /readyz says why it is not
+//  3. the database store, waited for
+//  4. the cache over it, and authentication over its api_keys table
+//  5. serving, until ctx ends or a listener fails
+//  6. shutdown: drain the listeners, then (deferred) close authentication,
+//     the cache and the store, in the reverse order of their start
 func serve(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	var c config
-	fs := newFlagSet("serve", stderr)
-	c.serveFlags(fs)
-	if err := parseArgs(fs, args, getenv); err != nil {
-		return err
-	}
-	log, err := newLogger(&c, stdout)
+	c, fs, err := parseServe(args, getenv, stderr)
 	if err != nil {
 		return err
 	}
-	mode, err := cache.ParseMode(c.Cache)
+	log, err := newLogger(c, stdout)
 	if err != nil {
-		return fmt.Errorf("%w: --cache: %v", errUsage, err)
+		return err
 	}
-	if (mode == cache.ModeRedis || mode == cache.ModeTiered) && c.Redis == "" {
-		return fmt.Errorf("%w: --cache %s needs --redis", errUsage, mode)
-	}
-	proxies, err := c.trustedProxies()
+	mode, err := c.checkServe()
 	if err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
-	}
-	if _, err := backend(c.DB); err != nil {
 		return err
 	}
 	dump(log, fs)
-
-	// The heap is mostly the local cache. A soft memory limit of its budget
-	// plus 48 MiB (unless GOMEMLIMIT is set) makes the collector run
-	// before garbage doubles the heap, keeping the resident size within
-	// the budget plus 64 MiB (the rest is stacks and runtime metadata).
-	if getenv("GOMEMLIMIT") == "" && mode != cache.ModeOff && mode != cache.ModeRedis {
-		debug.SetMemoryLimit(c.CacheBytes + 48<<20)
-	}
-
+	setMemoryLimit(c, mode, getenv)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	// The listeners come up first, over a store that answers 503 until the
-	// database is open, so /readyz says 503 (not "connection refused")
-	// while start-up waits for the database.
 	late := &lateStore{}
-	srv := http.NewServer(late, http.Options{
+	lateAuth := &lateAuth{}
+	ls, err := startListeners(c, late, lateAuth, reg, log)
+	if err != nil {
+		return err
+	}
+
+	store, err := openStoreWaiting(ctx, c, c.Migrate, log)
+	if err != nil && ctx.Err() != nil {
+		return ls.shutdown() // stopped while waiting: a normal stop
+	}
+	if err != nil {
+		return errors.Join(fmt.Errorf("open database: %w", err), ls.shutdown())
+	}
+	defer store.Close()
+	if m, ok := store.(interface{ RegisterMetrics(prometheus.Registerer) }); ok {
+		m.RegisterMetrics(reg)
+	}
+	cached, err := startCache(ctx, c, store, mode, reg, log)
+	if err != nil {
+		return errors.Join(err, ls.shutdown())
+	}
+	defer cached.Close()
+	if c.Auth == "on" {
+		a, err := startAuth(ctx, c, store, ls.addr, log, stderr)
+		if err != nil {
+			return errors.Join(err, ls.shutdown())
+		}
+		defer a.Close()
+		lateAuth.set(a)
+	}
+	late.set(cached)
+	log.Info("database open", "db", redact.URL(c.DB))
+
+	select {
+	case err := <-ls.errc:
+		return errors.Join(err, ls.shutdown())
+	case <-ctx.Done():
+	}
+	return ls.shutdown()
+}
+
+// parseServe parses the flags (and USERAPI_* variables) of `userapi serve`.
+func parseServe(args []string, getenv func(string) string, stderr io.Writer) (*config, *flag.FlagSet, error) {
+	c := &config{}
+	fs := newFlagSet("serve", stderr)
+	c.serveFlags(fs)
+	if err := parseArgs(fs, args, getenv); err != nil {
+		return nil, nil, err
+	}
+	return c, fs, nil
+}
+
+// checkServe refuses configurations that cannot work, before anything
+// starts, and returns the cache mode.
+func (c *config) checkServe() (cache.Mode, error) {
+	mode, err := cache.ParseMode(c.Cache)
+	if err != nil {
+		return "", fmt.Errorf("%w: --cache: %v", errUsage, err)
+	}
+	if (mode == cache.ModeRedis || mode == cache.ModeTiered) && c.Redis == "" {
+		return "", fmt.Errorf("%w: --cache %s needs --redis", errUsage, mode)
+	}
+	if _, err := c.trustedProxies(); err != nil {
+		return "", fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if _, err := backend(c.DB); err != nil {
+		return "", err
+	}
+	if c.Auth != "on" && c.Auth != "off" {
+		return "", fmt.Errorf("%w: --auth %q is not on or off", errUsage, c.Auth)
+	}
+	jwt := c.JWKSURL != "" || c.JWTPublicKey != ""
+	if jwt && (c.JWKSURL != "" && c.JWTPublicKey != "" || c.JWTIssuer == "" || c.JWTAudience == "") {
+		return "", fmt.Errorf("%w: bearer JWTs need one of --jwt-jwks-url and --jwt-public-key, and --jwt-issuer and --jwt-audience", errUsage)
+	}
+	return mode, nil
+}
+
+// setMemoryLimit sets the collector's soft limit. The heap is mostly the
+// local cache. A soft memory limit of its budget plus 48 MiB (unless
+// GOMEMLIMIT is set) makes the collector run before garbage doubles the
+// heap, keeping the resident size within the budget plus 64 MiB (the rest
+// is stacks and runtime metadata).
+func setMemoryLimit(c *config, mode cache.Mode, getenv func(string) string) {
+	if getenv("GOMEMLIMIT") == "" && mode != cache.ModeOff && mode != cache.ModeRedis {
+		debug.SetMemoryLimit(c.CacheBytes + 48<<20)
+	}
+}
+
+// listeners are the running public and debug servers.
+type listeners struct {
+	addr     string     // the public listener's address
+	errc     chan error // a listener that failed
+	shutdown func() error
+}
+
+// startListeners starts the public listener over store and, unless
+// --auth off, authn; and the debug listener when configured. They come up
+// before the database is open, answering 503 until it is, so /readyz says
+// 503 (not "connection refused") while start-up waits for the database.
+func startListeners(c *config, store *lateStore, authn *lateAuth, reg *prometheus.Registry, log *slog.Logger) (*listeners, error) {
+	proxies, _ := c.trustedProxies() // checked by checkServe
+	opts := http.Options{
 		MaxBodyBytes:   c.MaxBody,
 		ReadTimeout:    c.ReadTimeout,
 		WriteTimeout:   c.WriteTimeout,
@@ -94,39 +184,45 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 		TrustedProxies: proxies,
 		Logger:         log,
 		Registerer:     reg,
-	})
+	}
+	if c.Auth == "on" {
+		opts.Auth, opts.Keys = authn, authn
+	} else {
+		log.Warn("authentication is off (--auth off): anyone who reaches the listener can read, change and delete every user; use it for benchmarks only")
+	}
+	srv := http.NewServer(store, opts)
 	ln, err := net.Listen("tcp", c.Addr)
 	if err != nil {
-		return fmt.Errorf("listen: %w", err)
+		return nil, fmt.Errorf("listen: %w", err)
 	}
-	errc := make(chan error, 2)
-	go func() { errc <- srv.Serve(ln) }()
+	l := &listeners{addr: ln.Addr().String(), errc: make(chan error, 2)}
+	go func() { l.errc <- srv.Serve(ln) }()
 	log.Info("listening", "addr", "http://"+ln.Addr().String())
 
-	var debug *nethttp.Server
+	var dbg *nethttp.Server
 	if c.DebugAddr != "" {
 		dln, err := net.Listen("tcp", c.DebugAddr)
 		if err != nil {
 			srv.Shutdown(context.Background())
-			return fmt.Errorf("debug listen: %w", err)
+			return nil, fmt.Errorf("debug listen: %w", err)
 		}
-		debug = &nethttp.Server{Handler: debugMux(reg), ReadHeaderTimeout: 10 * time.Second}
+		dbg = &nethttp.Server{Handler: debugMux(reg), ReadHeaderTimeout: 10 * time.Second}
 		go func() {
-			if err := debug.Serve(dln); !errors.Is(err, nethttp.ErrServerClosed) {
-				errc <- fmt.Errorf("debug server: %w", err)
+			if err := dbg.Serve(dln); !errors.Is(err, nethttp.ErrServerClosed) {
+				l.errc <- fmt.Errorf("debug server: %w", err)
 			}
 		}()
 		log.Info("debug listener", "addr", "http://"+dln.Addr().String())
 	}
 	// shutdown drains the public listener first (the debug one keeps
 	// serving metrics and profiles meanwhile), then closes the debug one.
-	shutdown := func() error {
+	l.shutdown = func() error {
 		log.Info("shutting down", "drain_delay", c.DrainDelay, "timeout", c.ShutdownTimeout)
 		sctx, cancel := context.WithTimeout(context.Background(), c.ShutdownTimeout)
 		defer cancel()
 		err := srv.Shutdown(sctx)
-		if debug != nil {
-			debug.Shutdown(sctx)
+		if dbg != nil {
+			dbg.Shutdown(sctx)
 		}
 		if err != nil {
 			return fmt.Errorf("shutdown: %w", err)
@@ -134,21 +230,15 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 		log.Info("stopped")
 		return nil
 	}
+	return l, nil
+}
 
-	store, err := openStoreWaiting(ctx, &c, c.Migrate, log)
-	if err != nil && ctx.Err() != nil {
-		return shutdown() // stopped while waiting: a normal stop
-	}
+// startCache starts the cache in mode over store, with the store's change
+// stream when --change-stream allows.
+func startCache(ctx context.Context, c *config, store userapi.Store, mode cache.Mode, reg prometheus.Registerer, log *slog.Logger) (*cache.Store, error) {
+	feed, err := changeFeed(ctx, c, store, string(mode), log)
 	if err != nil {
-		return errors.Join(fmt.Errorf("open database: %w", err), shutdown())
-	}
-	defer store.Close()
-	if m, ok := store.(interface{ RegisterMetrics(prometheus.Registerer) }); ok {
-		m.RegisterMetrics(reg)
-	}
-	feed, err := changeFeed(ctx, &c, store, string(mode), log)
-	if err != nil {
-		return errors.Join(err, shutdown())
+		return nil, err
 	}
 	cached, err := cache.New(ctx, store, cache.Config{
 		Mode:         mode,
@@ -166,18 +256,57 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 		Registerer:   reg,
 	})
 	if err != nil {
-		return errors.Join(fmt.Errorf("start cache: %w", err), shutdown())
+		return nil, fmt.Errorf("start cache: %w", err)
 	}
-	defer cached.Close()
-	late.set(cached)
-	log.Info("database open", "db", redact.URL(c.DB))
+	return cached, nil
+}
 
-	select {
-	case err := <-errc:
-		return errors.Join(err, shutdown())
-	case <-ctx.Done():
+// startAuth starts authentication over store's api_keys table. On the
+// first start of a deployment (no key at all) it creates an admin key and
+// prints it once on stderr, so a newcomer can use the service.
+func startAuth(ctx context.Context, c *config, store userapi.Store, addr string, log *slog.Logger, stderr io.Writer) (*auth.Authenticator, error) {
+	keys, ok := store.(userapi.KeyStore)
+	if !ok {
+		return nil, fmt.Errorf("the %s store has no api keys", kindOf(c))
 	}
-	return shutdown()
+	a, err := auth.New(ctx, keys, c.authConfig(log))
+	if err != nil {
+		return nil, fmt.Errorf("start authentication: %w", err)
+	}
+	if c.BootstrapKey {
+		if err := bootstrapKey(ctx, a, addr, log, stderr); err != nil {
+			a.Close()
+			return nil, err
+		}
+	}
+	return a, nil
+}
+
+// bootstrapKey creates the first key when the table is empty. Instances
+// started at the same moment on a new database may each create one; each
+// is printed by the instance that made it and listed by `userapi keys list`.
+func bootstrapKey(ctx context.Context, a *auth.Authenticator, addr string, log *slog.Logger, stderr io.Writer) error {
+	existing, err := a.List(ctx)
+	if err != nil {
+		return fmt.Errorf("list api keys: %w", err)
+	}
+	if len(existing) > 0 {
+		return nil
+	}
+	secret, k, err := a.Create(ctx, userapi.KeyCreate{Name: "first admin key", Scopes: userapi.ScopeAll})
+	if err != nil {
+		return fmt.Errorf("create the first api key: %w", err)
+	}
+	// The secret goes to stderr only, never through the logger.
+	fmt.Fprintf(stderr, "\n"+
+		"  Created the first API key (id %d, scopes %s). It is shown only this once:\n\n"+
+		"    %s\n\n"+
+		"  Use it as a bearer credential, for example:\n"+
+		"    curl -H 'Authorization: Bearer %s' http://%s/users\n"+
+		"  Create narrower keys with `userapi keys create` or POST /admin/keys.\n\n",
+		k.ID, k.Scopes, secret, secret, addr)
+	log.Info("created the first api key and printed it once on stderr", "key_id", k.ID, "scopes", k.Scopes.String())
+	return nil
 }
 
 // debugMux serves pprof and metrics on the debug listener, which is off by

@@ -1,0 +1,169 @@
+package testenv
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/json"
+	"encoding/pem"
+	"hash/crc32"
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/lestrrat-go/jwx/v3/jwa"
+	"github.com/lestrrat-go/jwx/v3/jwt"
+)
+
+// APIKey assembles an API key of row id with secret in the documented
+// format (docs/security.md), written here independently of the auth
+// package so that tests check the format, not the code against itself:
+// uak_<id>_<secret><CRC-32 IEEE of the rest, 6 base62 digits>.
+func APIKey(id int64, secret string) string {
+	const digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+	body := "uak_" + strconv.FormatInt(id, 10) + "_" + secret
+	c := crc32.ChecksumIEEE([]byte(body))
+	var sum [6]byte
+	for i := 5; i >= 0; i-- {
+		sum[i] = digits[c%62]
+		c /= 62
+	}
+	return body + string(sum[:])
+}
+
+// IdP is an identity provider of a test's own: an RSA key whose public
+// half is in PublicKeyFile (PEM), tokens for Issuer and Audience.
+type IdP struct {
+	Key           *rsa.PrivateKey
+	PublicKeyPEM  []byte
+	PublicKeyFile string
+	Issuer        string
+	Audience      string
+}
+
+// NewIdP makes an IdP with a 2048-bit RSA key.
+func NewIdP(tb testing.TB) *IdP {
+	tb.Helper()
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	der, err := x509.MarshalPKIXPublicKey(&key.PublicKey)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	p := &IdP{
+		Key:          key,
+		PublicKeyPEM: pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}),
+		Issuer:       "https://idp.example.test/",
+		Audience:     "userapi",
+	}
+	p.PublicKeyFile = filepath.Join(tb.TempDir(), "idp.pem")
+	if err := os.WriteFile(p.PublicKeyFile, p.PublicKeyPEM, 0o600); err != nil {
+		tb.Fatal(err)
+	}
+	return p
+}
+
+// Claims are a token's claims; Token fills iss, aud, sub and exp (an hour
+// ahead) unless set. A nil value removes the claim.
+type Claims map[string]any
+
+func (p *IdP) claims(c Claims) map[string]any {
+	out := map[string]any{
+		"iss": p.Issuer,
+		"aud": p.Audience,
+		"sub": "user-1",
+		"exp": time.Now().Add(time.Hour).Unix(),
+	}
+	for k, v := range c {
+		if v == nil {
+			delete(out, k)
+		} else {
+			out[k] = v
+		}
+	}
+	return out
+}
+
+// Token is an RS256 token signed by the IdP's key.
+func (p *IdP) Token(tb testing.TB, c Claims) string {
+	tb.Helper()
+	b := jwt.NewBuilder()
+	for k, v := range p.claims(c) {
+		if k == "exp" {
+			v = time.Unix(v.(int64), 0)
+		}
+		b = b.Claim(k, v)
+	}
+	tok, err := b.Build()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	signed, err := jwt.Sign(tok, jwt.WithKey(jwa.RS256(), p.Key))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return string(signed)
+}
+
+// OtherKeyToken is an ES256 token with the IdP's claims signed by a key
+// the service does not trust.
+func (p *IdP) OtherKeyToken(tb testing.TB, c Claims) string {
+	tb.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	b := jwt.NewBuilder()
+	for k, v := range p.claims(c) {
+		if k == "exp" {
+			v = time.Unix(v.(int64), 0)
+		}
+		b = b.Claim(k, v)
+	}
+	tok, _ := b.Build()
+	signed, err := jwt.Sign(tok, jwt.WithKey(jwa.ES256(), key))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return string(signed)
+}
+
+// NoneToken is an unsigned token ("alg": "none") with the IdP's claims.
+func (p *IdP) NoneToken(tb testing.TB, c Claims) string {
+	return compact(tb, `{"alg":"none","typ":"JWT"}`, p.claims(c), nil)
+}
+
+// HS256PublicKeyToken is the algorithm-confusion attack: an HS256 token
+// whose HMAC secret is the IdP's public key, which a verifier that takes
+// the algorithm from the token would accept.
+func (p *IdP) HS256PublicKeyToken(tb testing.TB, c Claims) string {
+	return compact(tb, `{"alg":"HS256","typ":"JWT"}`, p.claims(c), p.PublicKeyPEM)
+}
+
+// compact builds header.payload.signature by hand; hmacKey nil leaves the
+// signature empty.
+func compact(tb testing.TB, header string, claims map[string]any, hmacKey []byte) string {
+	tb.Helper()
+	payload, err := json.Marshal(claims)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	enc := base64.RawURLEncoding
+	signing := enc.EncodeToString([]byte(header)) + "." + enc.EncodeToString(payload)
+	sig := ""
+	if hmacKey != nil {
+		m := hmac.New(sha256.New, hmacKey)
+		m.Write([]byte(signing))
+		sig = enc.EncodeToString(m.Sum(nil))
+	}
+	return signing + "." + sig
+}
