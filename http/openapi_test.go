@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -20,6 +21,7 @@ import (
 	"github.com/getkin/kin-openapi/routers/gorillamux"
 
 	"userapi"
+	"userapi/ratelimit"
 )
 
 // liveServer is a Server on a loopback port, shut down when the test ends.
@@ -106,7 +108,21 @@ type oaCase struct {
 	invalidRequest bool
 	// fault is what the store does during the request.
 	fault error
+	// refused: the client is out of its rate limit budget.
+	refused bool
 }
+
+// switchLimiter allows every request unless refuse is set.
+type switchLimiter struct{ refuse atomic.Bool }
+
+func (l *switchLimiter) Allow(string, ratelimit.Limit) ratelimit.Decision {
+	if l.refuse.Load() {
+		return ratelimit.Decision{Reset: 2 * time.Second, RetryAfter: 1500 * time.Millisecond}
+	}
+	return ratelimit.Decision{Allowed: true, Remaining: 9, Reset: 100 * time.Millisecond}
+}
+
+func (l *switchLimiter) Close() error { return nil }
 
 // TestOpenAPIResponses sends real requests for every route and every
 // documented status over loopback, validates each request that should be
@@ -114,7 +130,9 @@ type oaCase struct {
 // documented (operation, status) that no case produced.
 func TestOpenAPIResponses(t *testing.T) {
 	doc := loadOpenAPI(t)
-	live := startLive(t, Options{PublicMetrics: true, MaxBodyBytes: 1024})
+	limiter := &switchLimiter{}
+	live := startLive(t, Options{PublicMetrics: true, MaxBodyBytes: 1024,
+		RateLimit: ratelimit.Limit{Rate: 5, Burst: 10}, RateLimiter: limiter})
 	doc.Servers = openapi3.Servers{{URL: live.base}}
 	router, err := gorillamux.NewRouter(doc)
 	if err != nil {
@@ -131,6 +149,8 @@ func TestOpenAPIResponses(t *testing.T) {
 		t.Helper()
 		live.store.set(c.fault, false, "")
 		defer live.store.set(nil, false, "")
+		limiter.refuse.Store(c.refused)
+		defer limiter.refuse.Store(false)
 		newReq := func() *nethttp.Request {
 			req, err := nethttp.NewRequest(c.method, live.base+c.path, strings.NewReader(c.body))
 			if err != nil {
@@ -255,6 +275,17 @@ func TestOpenAPIResponses(t *testing.T) {
 		{method: "GET", path: "/readyz", status: 503, fault: down},
 		{method: "GET", path: "/openapi.json", status: 200},
 		{method: "GET", path: "/metrics", status: 200},
+
+		{method: "GET", path: "/users", status: 503, fault: fmt.Errorf("shed: %w", userapi.ErrOverloaded)},
+		{method: "GET", path: "/users", status: 429, refused: true},
+		{method: "POST", path: "/users", header: jsonCT, body: valid, status: 429, refused: true},
+		{method: "GET", path: u, status: 429, refused: true},
+		{method: "PUT", path: u, header: jsonCT, body: valid, status: 429, refused: true},
+		{method: "PATCH", path: u, header: mergeCT, body: `{"name":"N"}`, status: 429, refused: true},
+		{method: "DELETE", path: u, status: 429, refused: true},
+		{method: "GET", path: "/openapi.json", status: 429, refused: true},
+		{method: "GET", path: "/metrics", status: 429, refused: true},
+		{method: "GET", path: "/readyz", status: 200, refused: true},
 	}
 	for _, c := range cases {
 		send(t, c)

@@ -52,17 +52,27 @@ func (s *Server) routes() []route {
 //  3. routing: path → route template, method → handler, else 404 or 405
 //     with Allow
 //  4. recovery (deferred, in finish): a panic becomes a logged 500
-//  5. deadline: the handler's context ends RequestTimeout after the
+//  5. rate limit (limits.go): a token from the client's bucket, and the
+//     RateLimit fields; 429 with Retry-After without one
+//  6. deadline: the handler's context ends RequestTimeout after the
 //     request started (rounded up to 10 ms, see context.go)
-//  6. the handler; a returned error becomes problem+json (problem.go)
-//  7. gzip of bodies of at least GzipMinBytes the client accepts gzip for
-//  8. metrics: requests by route template, method and status; duration;
+//  7. the handler; a returned error becomes problem+json (problem.go)
+//  8. gzip of bodies of at least GzipMinBytes the client accepts gzip for
+//  9. metrics: requests by route template, method and status; duration;
 //     at debug level one log line
+//
+// Connection caps act before all of this, at accept (capListener).
 func (s *Server) serve(rc *fasthttp.RequestCtx) {
 	s.metrics.inFlight.Inc()
 	s.setRequestID(rc)
 	ep := s.router.match(rc.Path(), rc.Method())
 	defer s.finish(rc, ep)
+	if ep.limited && s.opts.RateLimiter != nil {
+		if err := s.rateLimit(rc); err != nil {
+			s.writeError(rc, err)
+			return
+		}
+	}
 	if err := ep.handle(rc, s.deadlines.context(rc.Time())); err != nil {
 		s.writeError(rc, err)
 	}
@@ -142,6 +152,7 @@ type resource struct {
 type endpoint struct {
 	handle  handlerFunc
 	metrics *routeMetrics
+	limited bool // rate limited: every route but the health checks
 }
 
 func (s *Server) newRouter() router {
@@ -176,6 +187,8 @@ func (s *Server) newRouter() router {
 		for m := range res.endpoints {
 			ep := &res.endpoints[m]
 			ep.metrics = s.metrics.route(res.template, methodNames[m])
+			// A balancer's health checks must never be refused.
+			ep.limited = res.template != "/livez" && res.template != "/readyz"
 			switch {
 			case ep.handle != nil:
 			case res == r.notFound:
