@@ -19,6 +19,7 @@ import (
 	"userapi/cache"
 	"userapi/http"
 	"userapi/internal/redact"
+	"userapi/ratelimit"
 )
 
 func newLogger(c *config, w io.Writer) (*slog.Logger, error) {
@@ -75,6 +76,13 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	limiter, err := rateLimiter(&c, log, reg)
+	if err != nil {
+		return err
+	}
+	if limiter != nil {
+		defer limiter.Close()
+	}
 
 	// The listeners come up first, over a store that answers 503 until the
 	// database is open, so /readyz says 503 (not "connection refused")
@@ -92,6 +100,10 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 		TrustedProxies: proxies,
 		Logger:         log,
 		Registerer:     reg,
+		RateLimit:      ratelimit.Limit{Rate: c.RateLimit, Burst: c.RateBurst},
+		RateLimiter:    limiter,
+		MaxConns:       c.MaxConns,
+		MaxConnsPerIP:  c.MaxConnsPerIP,
 	})
 	ln, err := net.Listen("tcp", c.Addr)
 	if err != nil {
@@ -148,7 +160,8 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 	if err != nil {
 		return errors.Join(err, shutdown())
 	}
-	cached, err := cache.New(ctx, store, cache.Config{
+	dbBound, admit := shedding(&c, store, log, reg)
+	cached, err := cache.New(ctx, dbBound, cache.Config{
 		Mode:         mode,
 		Coalesce:     c.Coalesce,
 		LocalBytes:   c.CacheBytes,
@@ -160,6 +173,7 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 		MaxBatch:     c.MaxBatch,
 		Loaders:      c.Loaders,
 		Changes:      feed,
+		Admit:        admit,
 		Logger:       log,
 		Registerer:   reg,
 	})
