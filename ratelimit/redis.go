@@ -88,6 +88,8 @@ const (
 	// heartbeat: a few missed beats, so one slow call does not shrink the
 	// count, and a dead instance stops counting within seconds.
 	presenceTTL = 5 * time.Second
+	// beatTimeout bounds a heartbeat's Redis call.
+	beatTimeout = 500 * time.Millisecond
 
 	// leaseWindow sizes a lease: the tokens a client earns in this long
 	// (at most an eighth of its burst), so a client at its full rate costs
@@ -392,7 +394,9 @@ func (r *Redis) beat() {
 		}
 		r.client.Store(&c)
 	}
-	ctx, cancel := context.WithTimeout(r.ctx, max(r.cfg.Timeout, 100*time.Millisecond))
+	// No request waits for a beat, so it may take longer than a take: a
+	// beat that fails moves every client to the local fallback.
+	ctx, cancel := context.WithTimeout(r.ctx, max(r.cfg.Timeout, beatTimeout))
 	defer cancel()
 	n, err := r.presence.Exec(ctx, *r.client.Load(), []string{r.cfg.KeyPrefix + "rl-instances"},
 		[]string{r.id, strconv.FormatInt(presenceTTL.Milliseconds(), 10)}).AsInt64()

@@ -82,6 +82,7 @@ func rateLimiter(c *config, log *slog.Logger, reg prometheus.Registerer) (rateli
 		URL:        c.Redis,
 		KeyPrefix:  c.RedisPrefix,
 		Mode:       mode,
+		Timeout:    c.RedisTimeout,
 		Logger:     log,
 		Registerer: reg,
 	})
