@@ -154,7 +154,7 @@ type Config struct {
 	// with the error the read then returns; done is called when the read
 	// has its result. It is the load shedder's hook (package shed): the
 	// loader hides the reads waiting for a batch from the store below it.
-	Admit func() (done func(), err error)
+	Admit func(ctx context.Context) (done func(), err error)
 	// PendingMax bounds the remembered invalidations (see DefaultPendingMax).
 	PendingMax int
 

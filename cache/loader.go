@@ -83,7 +83,7 @@ func newLoader(s *Store, workers, maxBatch int, timeout time.Duration) *loader {
 // after stop; the load's own outcome is in the call.
 func (l *loader) load(ctx context.Context, id int64) (*call, error) {
 	if admit := l.s.cfg.Admit; admit != nil {
-		done, err := admit()
+		done, err := admit(ctx)
 		if err != nil {
 			return nil, fmt.Errorf("get user %d: %w", id, err)
 		}

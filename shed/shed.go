@@ -15,6 +15,7 @@
 package shed
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -44,12 +45,24 @@ const (
 	// flood: at 3× capacity the queue grows by two seconds of work every
 	// second.
 	DefaultWindow = 100 * time.Millisecond
+	// DefaultMaxWait bounds the wait for a place when the limit is full.
+	// A short wait is backpressure: the client's connection is held, so a
+	// client that waits for its answers slows down instead of coming back
+	// at once with the next request, whose refusal would cost the instance
+	// about as much CPU as a cached read. Past it the request is refused.
+	DefaultMaxWait = 20 * time.Millisecond
+	// queueFactor: up to this many times the limit may wait; beyond,
+	// refusals rise until twice that, where every newcomer is refused.
+	queueFactor = 2
 )
 
 // Config configures a Limiter; zero fields take the defaults above.
 type Config struct {
 	MinLimit, InitialLimit, MaxLimit uint
 	Window                           time.Duration
+	// MaxWait is how long a request may wait for a place when the limit
+	// is full (0: DefaultMaxWait; < 0: never, refuse at once).
+	MaxWait time.Duration
 	// Logger receives the limit's changes at debug level.
 	Logger *slog.Logger
 	// Registerer receives the userapi_shed_* metrics; nil skips them.
@@ -59,6 +72,7 @@ type Config struct {
 // Limiter is the adaptive limit. It is safe for concurrent use.
 type Limiter struct {
 	al       adaptivelimiter.AdaptiveLimiter[any]
+	maxWait  time.Duration
 	rejected prometheus.Counter
 }
 
@@ -79,14 +93,21 @@ func New(cfg Config) *Limiter {
 	if cfg.Window <= 0 {
 		cfg.Window = DefaultWindow
 	}
+	if cfg.MaxWait == 0 {
+		cfg.MaxWait = DefaultMaxWait
+	}
 	b := adaptivelimiter.NewBuilder[any]().
 		WithLimits(cfg.MinLimit, cfg.MaxLimit, cfg.InitialLimit).
 		WithRecentWindow(cfg.Window, 10*cfg.Window, 50)
+	if cfg.MaxWait > 0 {
+		b = b.WithQueueing(queueFactor, 2*queueFactor).WithMaxWaitTime(cfg.MaxWait)
+	}
 	if cfg.Logger != nil {
 		b = b.WithLogger(cfg.Logger)
 	}
 	l := &Limiter{
-		al: b.Build(),
+		al:      b.Build(),
+		maxWait: max(cfg.MaxWait, 0),
 		rejected: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "userapi_shed_rejected_total",
 			Help: "Database-bound requests refused with 503 because the adaptive limit was reached.",
@@ -118,11 +139,14 @@ func register(reg prometheus.Registerer, c prometheus.Collector) {
 // Admit admits one request's database-bound work, or refuses it at once
 // with an error wrapping userapi.ErrOverloaded. done must be called exactly
 // once when the work is over; its time feeds the limit.
-func (l *Limiter) Admit() (done func(), err error) {
-	p, ok := l.al.TryAcquirePermit()
-	if !ok {
-		l.rejected.Inc()
-		return nil, errShed
+func (l *Limiter) Admit(ctx context.Context) (done func(), err error) {
+	p, err := l.al.AcquirePermitWithMaxWait(ctx, l.maxWait)
+	if err != nil {
+		if errors.Is(err, adaptivelimiter.ErrExceeded) {
+			l.rejected.Inc()
+			return nil, errShed
+		}
+		return nil, fmt.Errorf("shed: %w: %w", userapi.ErrUnavailable, err)
 	}
 	return p.Record, nil
 }

@@ -26,16 +26,16 @@ func fixed(n uint, reg prometheus.Registerer) *shed.Limiter {
 func TestAdmit(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	l := fixed(2, reg)
-	d1, err1 := l.Admit()
-	d2, err2 := l.Admit()
+	d1, err1 := l.Admit(t.Context())
+	d2, err2 := l.Admit(t.Context())
 	if err1 != nil || err2 != nil {
 		t.Fatalf("within the limit: %v, %v", err1, err2)
 	}
-	if _, err := l.Admit(); !errors.Is(err, userapi.ErrOverloaded) {
+	if _, err := l.Admit(t.Context()); !errors.Is(err, userapi.ErrOverloaded) {
 		t.Fatalf("over the limit: %v, want ErrOverloaded", err)
 	}
 	d1()
-	d3, err := l.Admit()
+	d3, err := l.Admit(t.Context())
 	if err != nil {
 		t.Fatalf("after one finished: %v", err)
 	}

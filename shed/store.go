@@ -30,7 +30,7 @@ func (s *Store) PoolSize() int {
 
 // GetUser is one request's read (the cache's uncoalesced miss).
 func (s *Store) GetUser(ctx context.Context, id int64) (*userapi.User, error) {
-	done, err := s.l.Admit()
+	done, err := s.l.Admit(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -45,7 +45,7 @@ func (s *Store) GetUsers(ctx context.Context, ids []int64) ([]*userapi.User, err
 }
 
 func (s *Store) ListUsers(ctx context.Context, f userapi.UserFilter) ([]*userapi.User, error) {
-	done, err := s.l.Admit()
+	done, err := s.l.Admit(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -54,7 +54,7 @@ func (s *Store) ListUsers(ctx context.Context, f userapi.UserFilter) ([]*userapi
 }
 
 func (s *Store) CreateUser(ctx context.Context, in userapi.UserCreate) (*userapi.User, bool, error) {
-	done, err := s.l.Admit()
+	done, err := s.l.Admit(ctx)
 	if err != nil {
 		return nil, false, err
 	}
@@ -63,7 +63,7 @@ func (s *Store) CreateUser(ctx context.Context, in userapi.UserCreate) (*userapi
 }
 
 func (s *Store) UpdateUser(ctx context.Context, id int64, upd userapi.UserUpdate) (*userapi.User, error) {
-	done, err := s.l.Admit()
+	done, err := s.l.Admit(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -72,7 +72,7 @@ func (s *Store) UpdateUser(ctx context.Context, id int64, upd userapi.UserUpdate
 }
 
 func (s *Store) DeleteUser(ctx context.Context, id int64, ifVersion int64) error {
-	done, err := s.l.Admit()
+	done, err := s.l.Admit(ctx)
 	if err != nil {
 		return err
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -90,7 +91,7 @@ func rateLimiter(c *config, log *slog.Logger, reg prometheus.Registerer) (rateli
 
 // shedding puts the load shedder between the cache and store when --shed
 // is on; admit is the cache loader's hook (cache.Config.Admit), nil when off.
-func shedding(c *config, store userapi.Store, log *slog.Logger, reg prometheus.Registerer) (userapi.Store, func() (func(), error)) {
+func shedding(c *config, store userapi.Store, log *slog.Logger, reg prometheus.Registerer) (userapi.Store, func(context.Context) (func(), error)) {
 	if !c.Shed {
 		return store, nil
 	}
