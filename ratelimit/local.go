@@ -42,12 +42,12 @@ func NewLocal(maxClients int) (*Local, error) {
 		maxClients = DefaultMaxClients
 	}
 	c, err := otter.New(&otter.Options[string, *bucket]{
+		// Bounded by count only: an expiry refreshed on every access cost
+		// a third of the limit's time on the hot path (otter's expiry
+		// bookkeeping), and an idle client's bucket is full again after
+		// its window anyway, so an old one is as good as a new one; the
+		// size bound evicts the least useful when clients churn.
 		MaximumSize: maxClients,
-		// A bucket left alone for its window is full again, the same as
-		// a new one, so it can go.
-		ExpiryCalculator: otter.ExpiryAccessingFunc(func(e otter.Entry[string, *bucket]) time.Duration {
-			return time.Duration(e.Value.limit.Window()) * time.Second
-		}),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("ratelimit: local buckets: %w", err)

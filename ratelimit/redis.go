@@ -183,8 +183,9 @@ func NewRedis(cfg RedisConfig) (*Redis, error) {
 		return nil, err
 	}
 	leases, err := otter.New(&otter.Options[string, *lease]{
-		MaximumSize:      max(cfg.MaxClients, DefaultMaxClients),
-		ExpiryCalculator: otter.ExpiryAccessing[string, *lease](leaseTTL),
+		// Bounded by count only, as Local's buckets: a lease carries its
+		// own expiry (leaseTTL).
+		MaximumSize: max(cfg.MaxClients, DefaultMaxClients),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("ratelimit: leases: %w", err)
