@@ -152,12 +152,10 @@ func (l *capListener) Accept() (net.Conn, error) {
 		if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
 			ip = a.AddrPort().Addr().Unmap()
 		}
-		if l.max > 0 && l.open.Add(1) > int64(l.max) {
+		if n := l.open.Add(1); l.max > 0 && n > int64(l.max) {
 			l.open.Add(-1)
 			l.reject(c, "total", connsFull)
 			continue
-		} else if l.max <= 0 {
-			l.open.Add(1)
 		}
 		if l.perIP > 0 && ip.IsValid() && !l.s.trusted(ip) {
 			l.mu.Lock()
