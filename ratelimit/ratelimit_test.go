@@ -105,7 +105,10 @@ func redisServer(t *testing.T) *testenv.RedisServer {
 
 func newRedis(t *testing.T, url string, mode ratelimit.Mode) *ratelimit.Redis {
 	t.Helper()
-	r, err := ratelimit.NewRedis(ratelimit.RedisConfig{URL: url, KeyPrefix: "t:", Mode: mode})
+	// A timeout far above a Redis call's even under the race detector on
+	// a loaded machine: these tests measure the accounting, and the fault
+	// test makes its failures itself.
+	r, err := ratelimit.NewRedis(ratelimit.RedisConfig{URL: url, KeyPrefix: "t:", Mode: mode, Timeout: 200 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -210,15 +213,15 @@ func TestRedisDownFailsOpenToLocal(t *testing.T) {
 					allowed++
 				}
 			}
-			if elapsed := time.Since(start); elapsed > time.Second {
+			if elapsed := time.Since(start); elapsed > 2*time.Second {
 				t.Errorf("40 decisions took %v with Redis %s", elapsed, fault.name)
 			}
 			if r.Up() {
 				t.Error("limiter still up")
 			}
-			// 30 / 3 instances = 10, and the first request may have
-			// been decided before the failure was seen.
-			if allowed < 10 || allowed > 11 {
+			// 30 / 3 instances = 10; the failing takes before the
+			// switch are decided locally too.
+			if allowed != 10 {
 				t.Errorf("allowed %d of 40 with Redis %s, want the divided burst 10", allowed, fault.name)
 			}
 		})

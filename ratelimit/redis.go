@@ -88,6 +88,12 @@ const (
 	// heartbeat: a few missed beats, so one slow call does not shrink the
 	// count, and a dead instance stops counting within seconds.
 	presenceTTL = 5 * time.Second
+	// downAfter is how many takes in a row must fail before every client
+	// moves to the local fallback: one slow call on a loaded machine
+	// should not flap the whole limiter (each flap hands out a fresh
+	// local burst on top of Redis's). A dead Redis fails fast, so the
+	// few calls it takes cost nothing; a stalled one costs them Timeout.
+	downAfter = 3
 	// beatTimeout bounds a heartbeat's Redis call.
 	beatTimeout = 500 * time.Millisecond
 
@@ -138,7 +144,8 @@ type Redis struct {
 	client    atomic.Pointer[rueidis.Client]
 
 	id        string       // this instance in the presence set
-	up        atomic.Bool  // the last Redis call succeeded
+	up        atomic.Bool  // decisions are made in Redis
+	failures  atomic.Int32 // takes failed in a row
 	instances atomic.Int64 // live instances at the last heartbeat, ≥ 1
 	leases    *otter.Cache[string, *lease]
 	local     *Local
@@ -278,10 +285,11 @@ func (r *Redis) Allow(key string, l Limit) Decision {
 	r.m.sync.Inc()
 	g, err := r.takeTokens(key, l, leaseSize(l))
 	if err != nil {
-		r.failed(err)
+		r.takeFailed(err)
 		r.m.local.Inc()
 		return r.local.Allow(key, r.divided(l))
 	}
+	r.failures.Store(0)
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
 	r.record(ls, g, now)
@@ -296,7 +304,9 @@ func (r *Redis) Allow(key string, l Limit) Decision {
 func (r *Redis) refill(key string, ls *lease, l Limit) {
 	g, err := r.takeTokens(key, l, leaseSize(l))
 	if err != nil {
-		r.failed(err)
+		r.takeFailed(err)
+	} else {
+		r.failures.Store(0)
 	}
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
@@ -357,12 +367,20 @@ func (r *Redis) takeTokens(key string, l Limit, n int) (grant, error) {
 	}, nil
 }
 
+// takeFailed counts a failed take; downAfter in a row move to the fallback.
+func (r *Redis) takeFailed(err error) {
+	r.m.errors.Inc()
+	if r.failures.Add(1) >= downAfter {
+		r.failed(err)
+	}
+}
+
 // failed moves to the local fallback until the next heartbeat succeeds.
 func (r *Redis) failed(err error) {
 	if r.ctx.Err() != nil {
 		return
 	}
-	r.m.errors.Inc()
+	r.failures.Store(0)
 	if r.up.Swap(false) {
 		r.m.up.Set(0)
 		r.log.Warn("rate limits: redis failed, limiting locally with the budget divided by the instances",
@@ -390,6 +408,7 @@ func (r *Redis) beat() {
 	if r.client.Load() == nil {
 		c, err := rueidis.NewClient(*r.clientOpt)
 		if err != nil {
+			r.m.errors.Inc()
 			r.failed(err)
 			return
 		}
@@ -402,6 +421,7 @@ func (r *Redis) beat() {
 	n, err := r.presence.Exec(ctx, *r.client.Load(), []string{r.cfg.KeyPrefix + "rl-instances"},
 		[]string{r.id, strconv.FormatInt(presenceTTL.Milliseconds(), 10)}).AsInt64()
 	if err != nil {
+		r.m.errors.Inc()
 		r.failed(fmt.Errorf("presence: %w", err))
 		return
 	}
