@@ -16,6 +16,10 @@ var (
 	// ErrUnavailable means the database (or another dependency needed to
 	// answer) cannot be reached now; the request may be retried later.
 	ErrUnavailable = errors.New("service unavailable")
+	// ErrOverloaded means the database has as much work as it can take
+	// without slowing everyone down (the load shedder's limit); the
+	// request was not started and may be retried shortly.
+	ErrOverloaded = errors.New("service overloaded")
 	// ErrStaleSchema means the database schema is older than the code.
 	ErrStaleSchema = errors.New("database schema is not up to date")
 )

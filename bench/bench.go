@@ -12,7 +12,7 @@
 //     (no coordinated omission).
 //
 // Latencies go into HDR histograms per operation. The results are printed as
-// a table or as JSON (schema "userapi.bench/v1"), and optionally as one
+// a table or as JSON (schema "userapi.bench/v2"), and optionally as one
 // self-contained HTML report with inline SVG charts that opens offline.
 //
 // `userapi bench ladder` starts the service once per optimization step (no

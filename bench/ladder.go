@@ -97,7 +97,7 @@ type LadderConfig struct {
 }
 
 // LadderSchema names the JSON layout of LadderResult.
-const LadderSchema = "userapi.bench.ladder/v1"
+const LadderSchema = "userapi.bench.ladder/v2"
 
 // LadderResult is the outcome of a ladder run; --json prints it.
 type LadderResult struct {

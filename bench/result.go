@@ -19,7 +19,7 @@ import (
 
 // SchemaVersion names the JSON layout of Result. Fields are only ever added
 // under the same name; a change of meaning gets a new version.
-const SchemaVersion = "userapi.bench/v1"
+const SchemaVersion = "userapi.bench/v2"
 
 // Result is the outcome of one run. It is what --json prints.
 type Result struct {
@@ -93,6 +93,10 @@ type Stats struct {
 	Latency Latency `json:"latency_ms"`
 	// Statuses counts responses by HTTP status code.
 	Statuses map[string]int64 `json:"statuses"`
+	// LatencyByStatus is Latency for the responses of each status code
+	// alone: under overload, the admitted requests' and the refused
+	// ones' (429, 503) latencies are what matter, and they differ.
+	LatencyByStatus map[string]Latency `json:"latency_by_status_ms"`
 	// ErrorsByKind counts errors by status code ("404", "503") or by
 	// transport failure ("timeout", "connection", "other", "unsent").
 	ErrorsByKind map[string]int64 `json:"errors_by_kind"`
@@ -150,11 +154,22 @@ type opAgg struct {
 	maxNS                           int64 // exact maximum, the histogram's is rounded
 	requests, ok, conflicts, errors int64
 	statuses                        map[int]int64
+	byStatus                        map[int]*hdrhistogram.Histogram
 	errKinds                        map[string]int64
 }
 
 func newOpAgg() *opAgg {
-	return &opAgg{hist: newHist(), statuses: map[int]int64{}, errKinds: map[string]int64{}}
+	return &opAgg{hist: newHist(), statuses: map[int]int64{}, byStatus: map[int]*hdrhistogram.Histogram{}, errKinds: map[string]int64{}}
+}
+
+// statusHist is the latency histogram of status code's responses.
+func (a *opAgg) statusHist(code int) *hdrhistogram.Histogram {
+	h := a.byStatus[code]
+	if h == nil {
+		h = newHist()
+		a.byStatus[code] = h
+	}
+	return h
 }
 
 // collector turns samples into the results. Only the goroutine of Run uses
@@ -236,6 +251,9 @@ func (c *collector) add(s sample) {
 	if s.out.recordsLatency() {
 		recordUS(a.hist, lat)
 		a.maxNS = max(a.maxNS, lat)
+		if s.status != 0 {
+			recordUS(a.statusHist(int(s.status)), lat)
+		}
 	}
 	if c.lag != nil {
 		recordUS(c.lag, s.sent-s.start)
@@ -313,6 +331,10 @@ func (a *opAgg) stats(name string, seconds float64) Stats {
 	st := Stats{
 		Op: name, Requests: a.requests, OK: a.ok, Conflicts: a.conflicts, Errors: a.errors,
 		Statuses: map[string]int64{}, ErrorsByKind: map[string]int64{}, Spectrum: []Point{},
+		LatencyByStatus: map[string]Latency{},
+	}
+	for code, h := range a.byStatus {
+		st.LatencyByStatus[strconv.Itoa(code)] = latencyOf(h)
 	}
 	if seconds > 0 {
 		st.RequestsPerSec = float64(a.requests) / seconds
@@ -394,6 +416,9 @@ func (c *collector) result() *Result {
 		all.errors += a.errors
 		for k, n := range a.statuses {
 			all.statuses[k] += n
+		}
+		for k, h := range a.byStatus {
+			all.statusHist(k).Merge(h)
 		}
 		for k, n := range a.errKinds {
 			all.errKinds[k] += n

@@ -151,6 +151,12 @@ type Config struct {
 	Loaders int
 	// LoadTimeout is the deadline of one batch load.
 	LoadTimeout time.Duration
+	// Admit, when set, admits each read the loader takes (one per
+	// request, before it joins a load or waits for a batch) or refuses it
+	// with the error the read then returns; done is called when the read
+	// has its result. It is the load shedder's hook (package shed): the
+	// loader hides the reads waiting for a batch from the store below it.
+	Admit func(ctx context.Context) (done func(), err error)
 	// PendingMax bounds the remembered invalidations (see DefaultPendingMax).
 	PendingMax int
 
@@ -736,6 +742,8 @@ func maybeCommitted(err error) bool {
 		errors.Is(err, userapi.ErrVersionMismatch),
 		errors.Is(err, userapi.ErrEmailTaken),
 		errors.Is(err, userapi.ErrIdempotencyMismatch),
+		// Shed before it started: the write never reached the database.
+		errors.Is(err, userapi.ErrOverloaded),
 		errors.As(err, &verr):
 		return false
 	}

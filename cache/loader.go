@@ -80,10 +80,17 @@ func newLoader(s *Store, workers, maxBatch int, timeout time.Duration) *loader {
 }
 
 // load returns the finished call for id, joining one in flight if there is
-// one. It fails only with ctx's end (wrapped as ErrUnavailable, since the
-// database did not answer in time) or after stop; the load's own outcome is
-// in the call.
+// one. It fails only when Config.Admit refuses the read, with ctx's end
+// (wrapped as ErrUnavailable, since the database did not answer in time) or
+// after stop; the load's own outcome is in the call.
 func (l *loader) load(ctx context.Context, id int64) (*call, error) {
+	if admit := l.s.cfg.Admit; admit != nil {
+		done, err := admit(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("get user %d: %w", id, err)
+		}
+		defer done()
+	}
 	l.mu.Lock()
 	c, joined := l.inflight[id]
 	if !joined {

@@ -165,6 +165,15 @@ type cluster struct {
 // serveFlags are passed to every `userapi serve`.
 func startCluster(t *testing.T, n int, serveFlags ...string) *cluster {
 	t.Helper()
+	return startClusterWith(t, n, nil, serveFlags...)
+}
+
+// startClusterWith is startCluster with scriptFlags added to `scripts/cluster
+// up`. Rate limits are on, with a budget (100,000 requests a second from
+// one address) above what the load tests send through nginx from 127.0.0.1,
+// unless serveFlags set their own.
+func startClusterWith(t *testing.T, n int, scriptFlags []string, serveFlags ...string) *cluster {
+	t.Helper()
 	pgURL, redisURL := serverURLs(t)
 	dbURL, pool := freshDatabase(t, pgURL)
 	redis := startRedis(t, redisURL)
@@ -196,10 +205,12 @@ func startCluster(t *testing.T, n int, serveFlags ...string) *cluster {
 	if nginx := os.Getenv("USERAPI_TEST_NGINX"); nginx != "" {
 		args = append(args, "--nginx", nginx)
 	}
+	args = append(args, scriptFlags...)
 	// Debug-level request logs name each request's client address, which
 	// the forwarded-header test reads; the load tests write a few thousand
 	// lines, which costs little.
-	args = append(args, "--", "--log-level", "debug", "--log-format", "json")
+	args = append(args, "--", "--log-level", "debug", "--log-format", "json",
+		"--rate-limit", "100000", "--rate-burst", "100000")
 	args = append(args, serveFlags...)
 	t.Cleanup(func() {
 		if t.Failed() {

@@ -3,6 +3,7 @@ package http
 import (
 	"context"
 	"net"
+	"os"
 	"testing"
 	"time"
 
@@ -10,6 +11,8 @@ import (
 	"github.com/valyala/fasthttp/fasthttputil"
 
 	"userapi"
+	"userapi/internal/testenv"
+	"userapi/ratelimit"
 )
 
 // fixedStore serves one user and nothing else; it stands in for a warm
@@ -148,5 +151,61 @@ func TestGetUserAllocs(t *testing.T) {
 		if allocs != 0 {
 			t.Errorf("%s: GET /users/{id} allocates %v times per request", name, allocs)
 		}
+	}
+}
+
+// BenchmarkGetUserRateLimited is BenchmarkGetUser's cached path with the
+// rate limit off, kept locally, and shared in Redis (with
+// USERAPI_TEST_REDIS_URL), at a budget the benchmark never exhausts: the
+// cost every cached read pays for the limit.
+func BenchmarkGetUserRateLimited(b *testing.B) {
+	u := benchUser()
+	store := &encodedStore{fixedStore{user: u}, u.Encode()}
+	limit := ratelimit.Limit{Rate: 1e9, Burst: 1e9}
+	sides := []struct {
+		name    string
+		limit   ratelimit.Limit
+		limiter func(b *testing.B) ratelimit.Limiter
+	}{
+		{"off", ratelimit.Limit{}, func(*testing.B) ratelimit.Limiter { return nil }},
+		{"local", limit, func(b *testing.B) ratelimit.Limiter {
+			l, err := ratelimit.NewLocal(0)
+			if err != nil {
+				b.Fatal(err)
+			}
+			return l
+		}},
+		{"redis", limit, func(b *testing.B) ratelimit.Limiter {
+			url := os.Getenv(testenv.RedisEnv)
+			if url == "" {
+				b.Skip(testenv.RedisEnv + " not set")
+			}
+			l, err := ratelimit.NewRedis(ratelimit.RedisConfig{URL: url, KeyPrefix: "bench:" + b.Name() + ":"})
+			if err != nil {
+				b.Fatal(err)
+			}
+			return l
+		}},
+	}
+	for _, side := range sides {
+		b.Run(side.name, func(b *testing.B) {
+			lim := side.limiter(b)
+			if lim != nil {
+				defer lim.Close()
+			}
+			h := NewServer(store, Options{RateLimit: side.limit, RateLimiter: lim}).Handler()
+			var req fasthttp.Request
+			req.SetRequestURI("/users/12345")
+			var rc fasthttp.RequestCtx
+			rc.Init(&req, &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2), Port: 40000}, nil)
+			b.ReportAllocs()
+			for b.Loop() {
+				rc.Response.Reset()
+				h(&rc)
+			}
+			if rc.Response.StatusCode() != 200 {
+				b.Fatalf("status %d: %s", rc.Response.StatusCode(), rc.Response.Body())
+			}
+		})
 	}
 }

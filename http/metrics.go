@@ -19,6 +19,10 @@ type metrics struct {
 	requests *prometheus.CounterVec   // route, method, status
 	duration *prometheus.HistogramVec // route, method
 	inFlight prometheus.Gauge
+
+	rateLimited   prometheus.Counter
+	connsOpen     prometheus.Gauge
+	connsRejected *prometheus.CounterVec // reason
 }
 
 // durationBuckets span a local-cache hit (tens of µs) to a request that
@@ -28,7 +32,7 @@ var durationBuckets = []float64{
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
-	return &metrics{
+	m := &metrics{
 		requests: register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "userapi_http_requests_total",
 			Help: "HTTP requests answered, by route template, method and status code.",
@@ -43,6 +47,8 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Requests being handled now.",
 		})),
 	}
+	m.rateLimited, m.connsOpen, m.connsRejected = newLimitMetrics(reg)
+	return m
 }
 
 // register registers c, or returns the equal collector already registered
@@ -63,7 +69,7 @@ func register[C prometheus.Collector](reg prometheus.Registerer, c C) C {
 // knownStatuses are the codes the service answers with. Their counters are
 // resolved once per route and method and then reused, so counting a
 // request does not allocate; other codes take the slower labelled lookup.
-var knownStatuses = [...]int{200, 201, 204, 304, 400, 404, 405, 408, 409, 412, 413, 415, 422, 431, 500, 503}
+var knownStatuses = [...]int{200, 201, 204, 304, 400, 404, 405, 408, 409, 412, 413, 415, 422, 429, 431, 500, 503}
 
 func statusIndex(code int) int {
 	for i, c := range knownStatuses {

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -21,6 +22,7 @@ import (
 
 	"userapi"
 	"userapi/auth"
+	"userapi/ratelimit"
 )
 
 // liveServer is a Server on a loopback port, shut down when the test ends.
@@ -137,7 +139,21 @@ type oaCase struct {
 	// key names the credential sent (liveServer.keys): "" is the key with
 	// every scope, "-" none at all, "bad" a malformed one.
 	key string
+	// refused: the client is out of its rate limit budget.
+	refused bool
 }
+
+// switchLimiter allows every request unless refuse is set.
+type switchLimiter struct{ refuse atomic.Bool }
+
+func (l *switchLimiter) Allow(string, ratelimit.Limit) ratelimit.Decision {
+	if l.refuse.Load() {
+		return ratelimit.Decision{Reset: 2 * time.Second, RetryAfter: 1500 * time.Millisecond}
+	}
+	return ratelimit.Decision{Allowed: true, Remaining: 9, Reset: 100 * time.Millisecond}
+}
+
+func (l *switchLimiter) Close() error { return nil }
 
 // TestOpenAPIResponses sends real requests for every route and every
 // documented status over loopback, validates each request that should be
@@ -145,7 +161,9 @@ type oaCase struct {
 // documented (operation, status) that no case produced.
 func TestOpenAPIResponses(t *testing.T) {
 	doc := loadOpenAPI(t)
-	live := startLive(t, Options{PublicMetrics: true, MaxBodyBytes: 1024})
+	limiter := &switchLimiter{}
+	live := startLive(t, Options{PublicMetrics: true, MaxBodyBytes: 1024,
+		RateLimit: ratelimit.Limit{Rate: 5, Burst: 10}, RateLimiter: limiter})
 	doc.Servers = openapi3.Servers{{URL: live.base}}
 	router, err := gorillamux.NewRouter(doc)
 	if err != nil {
@@ -162,6 +180,8 @@ func TestOpenAPIResponses(t *testing.T) {
 		t.Helper()
 		live.store.set(c.fault, false, "")
 		defer live.store.set(nil, false, "")
+		limiter.refuse.Store(c.refused)
+		defer limiter.refuse.Store(false)
 		newReq := func() *nethttp.Request {
 			req, err := nethttp.NewRequest(c.method, live.base+c.path, strings.NewReader(c.body))
 			if err != nil {
@@ -342,6 +362,17 @@ func TestOpenAPIResponses(t *testing.T) {
 		{method: "GET", path: "/readyz", key: "-", status: 503, fault: down},
 		{method: "GET", path: "/openapi.json", key: "-", status: 200},
 		{method: "GET", path: "/metrics", key: "-", status: 200},
+
+		{method: "GET", path: "/users", status: 503, fault: fmt.Errorf("shed: %w", userapi.ErrOverloaded)},
+		{method: "GET", path: "/users", status: 429, refused: true},
+		{method: "POST", path: "/users", header: jsonCT, body: valid, status: 429, refused: true},
+		{method: "GET", path: u, status: 429, refused: true},
+		{method: "PUT", path: u, header: jsonCT, body: valid, status: 429, refused: true},
+		{method: "PATCH", path: u, header: mergeCT, body: `{"name":"N"}`, status: 429, refused: true},
+		{method: "DELETE", path: u, status: 429, refused: true},
+		{method: "GET", path: "/openapi.json", status: 429, refused: true},
+		{method: "GET", path: "/metrics", status: 429, refused: true},
+		{method: "GET", path: "/readyz", status: 200, refused: true},
 	}
 	for _, c := range cases {
 		send(t, c)

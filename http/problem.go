@@ -21,6 +21,8 @@ const (
 	typeIdempotencyMismatch = "urn:userapi:problem:idempotency-mismatch"
 	typeUnauthenticated     = "urn:userapi:problem:unauthenticated"
 	typeForbidden           = "urn:userapi:problem:forbidden"
+	typeRateLimited         = "urn:userapi:problem:rate-limited"
+	typeOverloaded          = "urn:userapi:problem:overloaded"
 )
 
 // problem is an error response: the RFC 9457 members and the headers that
@@ -32,7 +34,7 @@ type problem struct {
 	Title      string // "" means the status text
 	Detail     string
 	Fields     []userapi.FieldError // the "errors" member
-	RetryAfter bool                 // adds Retry-After: 1
+	RetryAfter int                  // > 0 adds Retry-After: this many seconds
 	Allow      string               // the Allow header of a 405
 	// Authenticate is the WWW-Authenticate header of a 401; Scope, of a
 	// 403, names the missing scope in one.
@@ -119,17 +121,27 @@ func problemFor(err error) (p problem, level slog.Level, logged bool) {
 			Title:  "Idempotency key reused",
 			Detail: "This Idempotency-Key was used with a different request body.",
 		}, 0, false
+	case errors.Is(err, userapi.ErrOverloaded):
+		// Not logged one by one: under overload that would add work; the
+		// shedder counts them (userapi_shed_rejected_total).
+		return problem{
+			Status:     fasthttp.StatusServiceUnavailable,
+			Type:       typeOverloaded,
+			Title:      "Overloaded",
+			Detail:     "The service is at its capacity for work that reaches the database; retry after Retry-After seconds.",
+			RetryAfter: 1,
+		}, 0, false
 	case errors.Is(err, userapi.ErrUnavailable), errors.Is(err, userapi.ErrStaleSchema):
 		return problem{
 			Status:     fasthttp.StatusServiceUnavailable,
 			Detail:     "The database cannot be reached now; retry later.",
-			RetryAfter: true,
+			RetryAfter: 1,
 		}, slog.LevelWarn, true
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
 		return problem{
 			Status:     fasthttp.StatusServiceUnavailable,
 			Detail:     "The request took longer than the service allows; retry later.",
-			RetryAfter: true,
+			RetryAfter: 1,
 		}, slog.LevelWarn, true
 	}
 	return internalProblem(), slog.LevelError, true
@@ -166,8 +178,10 @@ func (s *Server) writeProblem(rc *fasthttp.RequestCtx, p problem) {
 	rc.Response.Header.Del("Location")
 	rc.SetStatusCode(p.Status)
 	rc.Response.Header.SetContentTypeBytes(contentTypeProblem)
-	if p.RetryAfter {
+	if p.RetryAfter == 1 {
 		rc.Response.Header.SetCanonical(hRetryAfter, one)
+	} else if p.RetryAfter > 1 {
+		rc.Response.Header.SetCanonical(hRetryAfter, strconv.AppendInt(nil, int64(p.RetryAfter), 10))
 	}
 	if p.Allow != "" {
 		rc.Response.Header.SetCanonical(hAllow, []byte(p.Allow))

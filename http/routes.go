@@ -78,10 +78,15 @@ func (s *Server) routes() []route {
 //  6. authentication (auth.go), when Options.Auth is set and the route
 //     has a scope: 401 for a missing or bad credential, 403 for a missing
 //     scope; the Principal is put on the request (PrincipalOf)
-//  7. the handler; a returned error becomes problem+json (problem.go)
-//  8. gzip of bodies of at least GzipMinBytes the client accepts gzip for
-//  9. metrics: requests by route template, method and status; duration;
+//  7. rate limit (limits.go): a token from the client's bucket (the
+//     principal's when authenticated, else the address's), and the
+//     RateLimit fields; 429 with Retry-After without one
+//  8. the handler; a returned error becomes problem+json (problem.go)
+//  9. gzip of bodies of at least GzipMinBytes the client accepts gzip for
+// 10. metrics: requests by route template, method and status; duration;
 //     at debug level one log line
+//
+// Connection caps act before all of this, at accept (capListener).
 func (s *Server) serve(rc *fasthttp.RequestCtx) {
 	s.metrics.inFlight.Inc()
 	s.setRequestID(rc)
@@ -90,6 +95,12 @@ func (s *Server) serve(rc *fasthttp.RequestCtx) {
 	ctx := s.deadlines.context(rc.Time())
 	if ep.scope != open && s.opts.Auth != nil {
 		if err := s.authorize(rc, ctx, ep.scope); err != nil {
+			s.writeError(rc, err)
+			return
+		}
+	}
+	if ep.limited && s.opts.RateLimiter != nil {
+		if err := s.rateLimit(rc); err != nil {
 			s.writeError(rc, err)
 			return
 		}
@@ -187,6 +198,7 @@ type endpoint struct {
 	handle  handlerFunc
 	scope   userapi.Scope
 	metrics *routeMetrics
+	limited bool // rate limited: every route but the health checks
 }
 
 func (s *Server) newRouter() router {
@@ -221,6 +233,8 @@ func (s *Server) newRouter() router {
 		for m := range res.endpoints {
 			ep := &res.endpoints[m]
 			ep.metrics = s.metrics.route(res.template, methodNames[m])
+			// A balancer's health checks must never be refused.
+			ep.limited = res.template != "/livez" && res.template != "/readyz"
 			switch {
 			case ep.handle != nil:
 			case res == r.notFound:

@@ -21,6 +21,7 @@ import (
 	"github.com/valyala/fasthttp"
 
 	"userapi"
+	"userapi/ratelimit"
 )
 
 //go:embed openapi.json
@@ -110,6 +111,19 @@ type Options struct {
 	// connection that closes under it cannot be retried safely). 0 closes
 	// at once.
 	DrainDelay time.Duration
+
+	// RateLimit is the budget of every client (see rateClient in
+	// limits.go); a zero Rate turns rate limiting off. Requests over it get
+	// 429 with Retry-After; /livez and /readyz are never limited.
+	RateLimit ratelimit.Limit
+	// RateLimiter keeps the budgets; nil means a ratelimit.Local one
+	// (each instance on its own). The caller closes it.
+	RateLimiter ratelimit.Limiter
+
+	// MaxConns and MaxConnsPerIP cap open connections in total and per
+	// client address (trusted proxies excepted); 0 means no cap. See
+	// DefaultMaxConns and DefaultMaxConnsPerIP for sane values.
+	MaxConns, MaxConnsPerIP int
 }
 
 // Server serves the API over a Store. Create it with NewServer.
@@ -120,7 +134,8 @@ type Server struct {
 	log     *slog.Logger
 	metrics *metrics
 
-	draining  atomic.Bool // set by Shutdown: answer with Connection: close
+	policy    atomic.Pointer[policyField] // RateLimit-Policy of the last limit
+	draining  atomic.Bool                 // set by Shutdown: answer with Connection: close
 	ready     atomic.Pointer[func(context.Context) error]
 	readiness atomic.Int32 // last /readyz result (readyUnknown, …), to log only changes
 	requestID requestIDs
@@ -132,7 +147,8 @@ type Server struct {
 }
 
 // NewServer returns a Server over store. It panics only when opts.Registerer
-// already holds different collectors under the userapi_http_* names.
+// already holds different collectors under the userapi_http_* names, or
+// when a rate limit is set without a limiter and one cannot be made.
 func NewServer(store userapi.Store, opts Options) *Server {
 	if opts.MaxBodyBytes <= 0 {
 		opts.MaxBodyBytes = DefaultMaxBodyBytes
@@ -162,6 +178,13 @@ func NewServer(store userapi.Store, opts Options) *Server {
 		if g, ok := opts.Registerer.(prometheus.Gatherer); ok {
 			opts.Metrics = g
 		}
+	}
+	if !opts.RateLimit.Unlimited() && opts.RateLimiter == nil {
+		l, err := ratelimit.NewLocal(0)
+		if err != nil {
+			panic("http: " + err.Error())
+		}
+		opts.RateLimiter = l
 	}
 	s := &Server{
 		store:   store,
@@ -218,7 +241,9 @@ func (s *Server) Handler() fasthttp.RequestHandler { return s.handler }
 
 // Serve accepts connections on ln until Shutdown. It returns nil after
 // Shutdown and the accept error otherwise.
-func (s *Server) Serve(ln net.Listener) error { return s.srv.Serve(ln) }
+// Connections beyond MaxConns or MaxConnsPerIP are answered and closed at
+// accept.
+func (s *Server) Serve(ln net.Listener) error { return s.srv.Serve(s.capConns(ln)) }
 
 // Shutdown drains the server: for DrainDelay (bounded by ctx) it keeps
 // serving with /readyz failing and Connection: close on every response,

@@ -408,7 +408,7 @@ func (s *Server) readyz(rc *fasthttp.RequestCtx, ctx context.Context) error {
 		return &problem{
 			Status:     fasthttp.StatusServiceUnavailable,
 			Detail:     detail,
-			RetryAfter: true,
+			RetryAfter: 1,
 		}
 	}
 	rc.Response.Header.SetContentTypeBytes(contentTypeJSON)

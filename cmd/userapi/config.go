@@ -66,6 +66,13 @@ type config struct {
 
 	LogLevel  string
 	LogFormat string
+
+	RateLimit      float64 // requests a second; 0 is off
+	RateBurst      int
+	RateLimitStore string
+	Shed           bool
+	MaxConns       int
+	MaxConnsPerIP  int
 }
 
 // dbFlags registers the flags every subcommand that opens the database needs.
@@ -112,6 +119,7 @@ func (c *config) serveFlags(fs *flag.FlagSet) {
 	// on this instance's keep-alive connections and reconnect elsewhere.
 	fs.DurationVar(&c.DrainDelay, "drain-delay", time.Second, "on shutdown, keep serving this long with /readyz failing and Connection: close")
 	c.authFlags(fs)
+	c.limitFlags(fs)
 	c.logFlags(fs)
 }
 

@@ -298,6 +298,10 @@ func TestUsageErrors(t *testing.T) {
 		{"serve", "--cache", "tiered"},
 		{"serve", "--db", "oracle://x"},
 		{"serve", "--trusted-proxies", "not-an-ip"},
+		{"serve", "--rate-limit", "fast"},
+		{"serve", "--rate-limit", "-1"},
+		{"serve", "--rate-limit-store", "disk"},
+		{"serve", "--rate-limit-store", "redis"}, // without --redis
 		{"seed", "--users", "0"},
 		{"bench", "--connections", "x", "http://127.0.0.1:1"},
 	}

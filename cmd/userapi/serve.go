@@ -24,6 +24,7 @@ import (
 	"userapi/cache"
 	"userapi/http"
 	"userapi/internal/redact"
+	"userapi/ratelimit"
 )
 
 func newLogger(c *config, w io.Writer) (*slog.Logger, error) {
@@ -68,10 +69,17 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 	setMemoryLimit(c, mode, getenv)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	limiter, err := rateLimiter(c, log, reg)
+	if err != nil {
+		return err
+	}
+	if limiter != nil {
+		defer limiter.Close()
+	}
 
 	late := &lateStore{}
 	lateAuth := &lateAuth{}
-	ls, err := startListeners(c, late, lateAuth, reg, log)
+	ls, err := startListeners(c, late, lateAuth, limiter, reg, log)
 	if err != nil {
 		return err
 	}
@@ -170,7 +178,7 @@ type listeners struct {
 // --auth off, authn; and the debug listener when configured. They come up
 // before the database is open, answering 503 until it is, so /readyz says
 // 503 (not "connection refused") while start-up waits for the database.
-func startListeners(c *config, store *lateStore, authn *lateAuth, reg *prometheus.Registry, log *slog.Logger) (*listeners, error) {
+func startListeners(c *config, store *lateStore, authn *lateAuth, limiter ratelimit.Limiter, reg *prometheus.Registry, log *slog.Logger) (*listeners, error) {
 	proxies, _ := c.trustedProxies() // checked by checkServe
 	opts := http.Options{
 		MaxBodyBytes:   c.MaxBody,
@@ -184,6 +192,10 @@ func startListeners(c *config, store *lateStore, authn *lateAuth, reg *prometheu
 		TrustedProxies: proxies,
 		Logger:         log,
 		Registerer:     reg,
+		RateLimit:      ratelimit.Limit{Rate: c.RateLimit, Burst: c.RateBurst},
+		RateLimiter:    limiter,
+		MaxConns:       c.MaxConns,
+		MaxConnsPerIP:  c.MaxConnsPerIP,
 	}
 	if c.Auth == "on" {
 		opts.Auth, opts.Keys = authn, authn
@@ -240,7 +252,8 @@ func startCache(ctx context.Context, c *config, store userapi.Store, mode cache.
 	if err != nil {
 		return nil, err
 	}
-	cached, err := cache.New(ctx, store, cache.Config{
+	dbBound, admit := shedding(c, store, log, reg)
+	cached, err := cache.New(ctx, dbBound, cache.Config{
 		Mode:         mode,
 		Coalesce:     c.Coalesce,
 		LocalBytes:   c.CacheBytes,
@@ -252,6 +265,7 @@ func startCache(ctx context.Context, c *config, store userapi.Store, mode cache.
 		MaxBatch:     c.MaxBatch,
 		Loaders:      c.Loaders,
 		Changes:      feed,
+		Admit:        admit,
 		Logger:       log,
 		Registerer:   reg,
 	})

@@ -1,0 +1,100 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"strconv"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"userapi"
+	"userapi/http"
+	"userapi/ratelimit"
+	"userapi/shed"
+)
+
+// Defaults of the rate limit flags. 1000 requests a second per client is
+// far above what an interactive client or a well-behaved batch job sends,
+// and a small share of one instance's capacity (~10k uncached reads a
+// second on 2 cores), so no single client can take an instance down; a burst
+// of 2000 (two seconds' worth) lets a client catch up after a pause without
+// a 429.
+const (
+	defaultRateLimit = 1000
+	defaultRateBurst = 2000
+)
+
+// limitFlags registers the flags of rate limits, load shedding and
+// connection caps.
+func (c *config) limitFlags(fs *flag.FlagSet) {
+	c.RateLimit = defaultRateLimit
+	fs.Var((*rateFlag)(&c.RateLimit), "rate-limit", "requests a second each client may make on average (0 or off: no rate limit)")
+	fs.IntVar(&c.RateBurst, "rate-burst", defaultRateBurst, "requests a client may make at once (its token bucket's size)")
+	fs.StringVar(&c.RateLimitStore, "rate-limit-store", "auto", "where budgets are kept: redis (one budget across instances, failing open to local), local (each instance the budget divided by the live instances counted in Redis, or all of it without Redis), auto (redis when --redis is set)")
+	fs.BoolVar(&c.Shed, "shed", true, "shed database-bound requests beyond an adaptive concurrency limit with 503 (cache hits are never shed)")
+	fs.IntVar(&c.MaxConns, "max-conns", http.DefaultMaxConns, "most open client connections (0: no cap)")
+	fs.IntVar(&c.MaxConnsPerIP, "max-conns-per-ip", http.DefaultMaxConnsPerIP, "most open connections per client address, trusted proxies excepted (0: no cap)")
+}
+
+// rateFlag is a requests-a-second value that also takes "off" (0).
+type rateFlag float64
+
+func (r *rateFlag) String() string { return strconv.FormatFloat(float64(*r), 'g', -1, 64) }
+
+func (r *rateFlag) Set(s string) error {
+	if s == "off" {
+		*r = 0
+		return nil
+	}
+	v, err := strconv.ParseFloat(s, 64)
+	if err != nil || v < 0 {
+		return fmt.Errorf("%q is not a rate (requests a second) or off", s)
+	}
+	*r = rateFlag(v)
+	return nil
+}
+
+// rateLimiter returns the limiter --rate-limit-store asks for, or nil when
+// rate limits are off.
+func rateLimiter(c *config, log *slog.Logger, reg prometheus.Registerer) (ratelimit.Limiter, error) {
+	if c.RateLimit <= 0 {
+		return nil, nil
+	}
+	mode := ratelimit.Shared
+	switch c.RateLimitStore {
+	case "auto", "redis":
+		if c.Redis == "" {
+			if c.RateLimitStore == "redis" {
+				return nil, fmt.Errorf("%w: --rate-limit-store redis needs --redis", errUsage)
+			}
+			return ratelimit.NewLocal(0)
+		}
+	case "local":
+		if c.Redis == "" {
+			return ratelimit.NewLocal(0)
+		}
+		mode = ratelimit.Divided
+	default:
+		return nil, fmt.Errorf("%w: --rate-limit-store %q is not auto, redis or local", errUsage, c.RateLimitStore)
+	}
+	return ratelimit.NewRedis(ratelimit.RedisConfig{
+		URL:        c.Redis,
+		KeyPrefix:  c.RedisPrefix,
+		Mode:       mode,
+		Timeout:    c.RedisTimeout,
+		Logger:     log,
+		Registerer: reg,
+	})
+}
+
+// shedding puts the load shedder between the cache and store when --shed
+// is on; admit is the cache loader's hook (cache.Config.Admit), nil when off.
+func shedding(c *config, store userapi.Store, log *slog.Logger, reg prometheus.Registerer) (userapi.Store, func(context.Context) (func(), error)) {
+	if !c.Shed {
+		return store, nil
+	}
+	l := shed.New(shed.Config{Logger: log, Registerer: reg})
+	return shed.NewStore(store, l), l.Admit
+}
