@@ -94,6 +94,14 @@ func (s *Server) policyValue(l ratelimit.Limit) []byte {
 
 // rateLimit takes a token for the request's client and sets the rate limit
 // fields; a client out of tokens gets 429 with Retry-After.
+// limit applies the rate limit to a request of ep, when it has one.
+func (s *Server) limit(rc *fasthttp.RequestCtx, ep *endpoint) error {
+	if !ep.limited || s.opts.RateLimiter == nil {
+		return nil
+	}
+	return s.rateLimit(rc)
+}
+
 func (s *Server) rateLimit(rc *fasthttp.RequestCtx) error {
 	id, l := s.rateClient(rc)
 	if l.Unlimited() {

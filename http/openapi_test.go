@@ -334,6 +334,18 @@ func TestOpenAPIResponses(t *testing.T) {
 		{method: "PATCH", path: u, key: "read", header: mergeCT, body: `{}`, status: 403},
 		{method: "DELETE", path: u, key: "read", status: 403},
 
+		// Overload and rate limits.
+		{method: "GET", path: "/users", status: 503, fault: fmt.Errorf("shed: %w", userapi.ErrOverloaded)},
+		{method: "GET", path: "/users", status: 429, refused: true},
+		{method: "POST", path: "/users", header: jsonCT, body: valid, status: 429, refused: true},
+		{method: "GET", path: u, status: 429, refused: true},
+		{method: "PUT", path: u, header: jsonCT, body: valid, status: 429, refused: true},
+		{method: "PATCH", path: u, header: mergeCT, body: `{"name":"N"}`, status: 429, refused: true},
+		{method: "DELETE", path: u, status: 429, refused: true},
+		{method: "GET", path: "/openapi.json", status: 429, refused: true},
+		{method: "GET", path: "/metrics", status: 429, refused: true},
+		{method: "GET", path: "/readyz", status: 200, refused: true},
+
 		// Key administration.
 		{method: "POST", path: "/admin/keys", header: jsonCT, body: `{"name":"ci","scopes":["users:read"],"rate_limit":5,"rate_burst":10}`, status: 201},
 		{method: "POST", path: "/admin/keys", header: jsonCT, body: `{"name":"ci","scopes":["users:read"],"owner":"x"}`, status: 400, invalidRequest: true},
@@ -362,17 +374,6 @@ func TestOpenAPIResponses(t *testing.T) {
 		{method: "GET", path: "/readyz", key: "-", status: 503, fault: down},
 		{method: "GET", path: "/openapi.json", key: "-", status: 200},
 		{method: "GET", path: "/metrics", key: "-", status: 200},
-
-		{method: "GET", path: "/users", status: 503, fault: fmt.Errorf("shed: %w", userapi.ErrOverloaded)},
-		{method: "GET", path: "/users", status: 429, refused: true},
-		{method: "POST", path: "/users", header: jsonCT, body: valid, status: 429, refused: true},
-		{method: "GET", path: u, status: 429, refused: true},
-		{method: "PUT", path: u, header: jsonCT, body: valid, status: 429, refused: true},
-		{method: "PATCH", path: u, header: mergeCT, body: `{"name":"N"}`, status: 429, refused: true},
-		{method: "DELETE", path: u, status: 429, refused: true},
-		{method: "GET", path: "/openapi.json", status: 429, refused: true},
-		{method: "GET", path: "/metrics", status: 429, refused: true},
-		{method: "GET", path: "/readyz", status: 200, refused: true},
 	}
 	for _, c := range cases {
 		send(t, c)

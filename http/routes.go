@@ -79,11 +79,12 @@ func (s *Server) routes() []route {
 //     has a scope: 401 for a missing or bad credential, 403 for a missing
 //     scope; the Principal is put on the request (PrincipalOf)
 //  7. rate limit (limits.go): a token from the client's bucket (the
-//     principal's when authenticated, else the address's), and the
-//     RateLimit fields; 429 with Retry-After without one
+//     principal's when authenticated, else the address's, also for a
+//     refused credential), and the RateLimit fields; 429 with Retry-After
+//     without one
 //  8. the handler; a returned error becomes problem+json (problem.go)
 //  9. gzip of bodies of at least GzipMinBytes the client accepts gzip for
-// 10. metrics: requests by route template, method and status; duration;
+//  10. metrics: requests by route template, method and status; duration;
 //     at debug level one log line
 //
 // Connection caps act before all of this, at accept (capListener).
@@ -95,15 +96,18 @@ func (s *Server) serve(rc *fasthttp.RequestCtx) {
 	ctx := s.deadlines.context(rc.Time())
 	if ep.scope != open && s.opts.Auth != nil {
 		if err := s.authorize(rc, ctx, ep.scope); err != nil {
+			// Refused credentials count against the address's budget
+			// too, so guessing keys is rate limited like anything else.
+			if lerr := s.limit(rc, ep); lerr != nil {
+				err = lerr
+			}
 			s.writeError(rc, err)
 			return
 		}
 	}
-	if ep.limited && s.opts.RateLimiter != nil {
-		if err := s.rateLimit(rc); err != nil {
-			s.writeError(rc, err)
-			return
-		}
+	if err := s.limit(rc, ep); err != nil {
+		s.writeError(rc, err)
+		return
 	}
 	if err := ep.handle(rc, ctx); err != nil {
 		s.writeError(rc, err)

@@ -218,7 +218,8 @@ func TestRawPathRouting(t *testing.T) {
 		{"GET", "/USERS/1", 404, nil},
 	} {
 		t.Run(c.method+" "+c.target, func(t *testing.T) {
-			resp, body := rawRequest(t, addr, c.method+" "+c.target+" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n")
+			resp, body := rawRequest(t, addr, c.method+" "+c.target+" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"+
+				"Authorization: Bearer "+live.keys["all"]+"\r\nConnection: close\r\n\r\n")
 			if resp.StatusCode != c.status {
 				t.Fatalf("status %d, want %d: %.200s", resp.StatusCode, c.status, body)
 			}

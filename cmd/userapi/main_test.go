@@ -368,18 +368,16 @@ func TestReadyzBeforeDatabase(t *testing.T) {
 func TestServeSQLiteOutsideWrite(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "outside.db")
 	base, logs, _ := startService(t, nil, "--db", "sqlite:"+path)
-	resp, err := http.Post(base+"/users", "application/json", strings.NewReader(`{"email":"out@example.com","name":"Before"}`))
-	if err != nil {
-		t.Fatal(err)
-	}
+	key := firstKey(t, logs)
+	resp := do(t, "POST", base+"/users", key, `{"email":"out@example.com","name":"Before"}`)
 	var created struct{ ID int64 }
 	json.NewDecoder(resp.Body).Decode(&created)
 	resp.Body.Close()
+	if created.ID == 0 {
+		t.Fatalf("create answered %s", resp.Status)
+	}
 	get := func() string {
-		resp, err := http.Get(fmt.Sprintf("%s/users/%d", base, created.ID))
-		if err != nil {
-			t.Fatal(err)
-		}
+		resp := do(t, "GET", fmt.Sprintf("%s/users/%d", base, created.ID), key, "")
 		defer resp.Body.Close()
 		b, _ := io.ReadAll(resp.Body)
 		return string(b)
