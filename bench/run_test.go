@@ -383,13 +383,30 @@ func TestProgressLines(t *testing.T) {
 	}
 }
 
-// fixedLatencyServer answers every request d after its handler starts. It
-// busy-waits rather than sleeps: a Go sleep on an idle process ends up to a
-// millisecond late (see pace.go), and the point is a latency known exactly.
+// fixedLatencyServer answers every request exactly d after its handler
+// starts. It sleeps on a pacer until 200 µs before that (a Go sleep would end
+// up to a millisecond late, see pace.go), then spins to the microsecond. It
+// does not spin the whole d: on a loaded machine a thread that burns its
+// time slice waits behind the other processes, while one that mostly sleeps
+// runs as soon as it wakes, and the server must keep its latency. A pacer
+// that woke late would make the server late, which the test would see.
 func fixedLatencyServer(t *testing.T, d time.Duration) string {
 	t.Helper()
+	const spin = 200 * time.Microsecond
+	pacers := make(chan *pacer, 16) // more than the test's connections
+	for range cap(pacers) {
+		p, err := newPacer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = p.close() })
+		pacers <- p
+	}
 	return serveHandler(t, func(c *fasthttp.RequestCtx) {
 		start := time.Now()
+		p := <-pacers
+		p.waitUntil(start, int64(d-spin))
+		pacers <- p
 		for time.Since(start) < d {
 		}
 		c.SetBodyString(`{"id":1}`)
