@@ -80,7 +80,7 @@ func TestPacerAllocatesNothing(t *testing.T) {
 	}
 	defer p.close()
 	t0 := time.Now()
-	for _, wait := range []time.Duration{spinBelow / 2, 4 * spinBelow} {
+	for _, wait := range []time.Duration{spinLast / 2, 4 * spinLast} {
 		if got := testing.AllocsPerRun(100, func() {
 			if !p.waitUntil(t0, int64(time.Since(t0)+wait)) {
 				t.Fatal("pacer stopped")

@@ -13,16 +13,20 @@ import "time"
 //
 // On Linux the pacer is a timerfd (pace_linux.go): the kernel's
 // high-resolution timer wakes the runtime's poller at the set time, to the
-// microsecond, and the sender's goroutine runs as soon as a core is free. It
-// costs a few system calls per wait, paid only when the sender is early.
+// microsecond, and the sender's goroutine runs as soon as a core is free;
+// the last few tens of microseconds are spun (see spinLast). It costs a few
+// system calls per wait, paid only when the sender is early.
 // Elsewhere it is a Go timer (pace_other.go), with the lateness above.
 
-// spinBelow is the wait under which a sender checks the clock in a loop
-// instead of sleeping. Waking from a sleep costs tens of microseconds on a
-// virtual machine (about 50 µs on the 2-core development VM), so a shorter
-// sleep would end late by more than it waits; a spin of at most this long
-// costs less CPU than the system calls of a sleep would.
-const spinBelow = 50 * time.Microsecond
+// spinLast is how much of a wait is spent checking the clock in a loop
+// rather than asleep: a sleep is set to end this long before the intended
+// time. Waking from a sleep takes tens of microseconds on a virtual machine
+// (a timerfd read by a blocked thread wakes 55-70 µs late at p50 on the
+// 2-core development VM, whatever the timer slack), so a sleep to the
+// intended time itself would leave that late; ending it early and spinning
+// the rest sends on time. The spin costs CPU only when the wake-up was quick,
+// and at most this long per request.
+const spinLast = 50 * time.Microsecond
 
 // waitUntil returns once the run's clock (time since t0) reaches at, in ns.
 // It returns false at once, or as soon as it can, when the pacer is
@@ -33,11 +37,11 @@ func (p *pacer) waitUntil(t0 time.Time, at int64) bool {
 		switch {
 		case left <= 0:
 			return true
-		case left <= spinBelow:
+		case left <= spinLast:
 			for int64(time.Since(t0)) < at {
 			}
 			return true
-		case !p.sleep(left):
+		case !p.sleep(left - spinLast):
 			return false
 		}
 	}
