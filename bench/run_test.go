@@ -178,16 +178,28 @@ func TestTimeoutWatchdog(t *testing.T) {
 	}
 }
 
-// stallServer answers at once except during [from, to) after its first
-// request, when every request waits until `to`.
-func stallServer(t *testing.T, from, to time.Duration) string {
-	var once sync.Once
-	var first time.Time
+// stallServer answers at once except for a pause of length stall, which
+// begins with the first request that arrives from after the server's first
+// request: that request and every one arriving in the pause wait until its
+// end, so the first waits the whole pause.
+func stallServer(t *testing.T, from, stall time.Duration) string {
+	var (
+		mu         sync.Mutex
+		first, end time.Time
+	)
 	return serveHandler(t, func(c *fasthttp.RequestCtx) {
-		once.Do(func() { first = time.Now() })
-		since := time.Since(first)
-		if since >= from && since < to {
-			time.Sleep(to - since)
+		now := time.Now()
+		mu.Lock()
+		if first.IsZero() {
+			first = now
+		}
+		if end.IsZero() && now.Sub(first) >= from {
+			end = now.Add(stall)
+		}
+		wait := end.Sub(now)
+		mu.Unlock()
+		if wait > 0 {
+			time.Sleep(wait)
 		}
 		c.Response.Header.Set("ETag", `"1"`)
 		c.SetBodyString(`{"id":1}`)
@@ -207,7 +219,7 @@ func TestOpenLoopShowsStall(t *testing.T) {
 		stall = 500 * time.Millisecond
 		rate  = 400
 	)
-	open := quickConfig(stallServer(t, from, from+stall))
+	open := quickConfig(stallServer(t, from, stall))
 	open.Rate, open.Requests, open.Duration = rate, 0, run
 	res, err := Run(context.Background(), open, nil)
 	if err != nil {
@@ -235,7 +247,7 @@ func TestOpenLoopShowsStall(t *testing.T) {
 		t.Errorf("requests %d + unsent %d, want the %d scheduled", res.Total.Requests, res.Unsent, want)
 	}
 
-	closed := quickConfig(stallServer(t, from, from+stall))
+	closed := quickConfig(stallServer(t, from, stall))
 	closed.Requests, closed.Duration = 0, run
 	cres, err := Run(context.Background(), closed, nil)
 	if err != nil {
