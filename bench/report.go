@@ -22,6 +22,7 @@ body { margin: 0; background: var(--bg); color: var(--fg);
   font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
 main { max-width: 1040px; margin: 0 auto; padding: 24px 20px 48px; }
 h1 { font-size: 22px; margin: 0 0 4px; }
+h3 { font-size: 14px; margin: 18px 0 6px; }
 h2 { font-size: 17px; margin: 32px 0 8px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
 p.sub { color: var(--muted); margin: 0 0 16px; }
 .cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(140px, 1fr)); gap: 10px; margin: 16px 0; }
@@ -109,19 +110,25 @@ const runTmpl = `{{define "body"}}
   <div class="card"><div class="k">p99</div><div class="v">{{ms .R.Total.Latency.P99}}</div></div>
   <div class="card"><div class="k">p99.9</div><div class="v">{{ms .R.Total.Latency.P999}}</div></div>
   <div class="card"><div class="k">max</div><div class="v">{{ms .R.Total.Latency.Max}}</div></div>
-  <div class="card{{if .R.Total.Errors}} bad{{end}}"><div class="k">Errors</div><div class="v">{{.R.Total.Errors}}</div><div class="k">{{.ErrorPct}} of {{.R.Total.Requests}}</div></div>
+{{if .R.ScheduleLag}}  <div class="card"><div class="k">send lag p99</div><div class="v">{{ms .R.ScheduleLag.P99}}</div><div class="k">behind the schedule</div></div>
+{{end}}  <div class="card{{if .R.Total.Errors}} bad{{end}}"><div class="k">Errors</div><div class="v">{{.R.Total.Errors}}</div><div class="k">{{.ErrorPct}} of {{.R.Total.Requests}}</div></div>
 </div>
 
 <h2>Operations</h2>
 {{template "statsTable" .Rows}}
 {{if .R.Total.ErrorsByKind}}<p class="note">Errors by kind: {{.Errors}}.</p>{{end}}
-{{if .R.ScheduleLag}}<p class="note">Send lag behind the schedule: p50 {{ms .R.ScheduleLag.P50}}, p99 {{ms .R.ScheduleLag.P99}}, max {{ms .R.ScheduleLag.Max}}. Latencies are measured from each request's intended send time, so this lag is included in them.</p>{{end}}
+{{with .R.ScheduleLag}}<h3>Send lag</h3>
+<table>
+<tr><th>behind the schedule</th><th>p50</th><th>p90</th><th>p99</th><th>p99.9</th><th>max</th><th>mean</th></tr>
+<tr><td>send lag</td><td>{{ms .P50}}</td><td>{{ms .P90}}</td><td>{{ms .P99}}</td><td>{{ms .P999}}</td><td>{{ms .Max}}</td><td>{{ms .Mean}}</td></tr>
+</table>
+<p class="note">How late requests left after their intended send time: the wait for a free connection when all were busy, and the generator's own lateness. Latencies count from the intended time, so this lag is part of them. Near zero, the requests left on schedule; large while the server answers fast, the generator (or too few connections) is the limit.</p>{{end}}
 
 <h2>Throughput over time</h2>
 <figure>{{.Throughput}}<figcaption>Completed requests per second, all outcomes. The shaded start is the warm-up, left out of every other number.</figcaption></figure>
 
 <h2>Latency over time</h2>
-<figure>{{.LatencyTime}}<figcaption>p50, p99 and maximum of the requests completed in each second.</figcaption></figure>
+<figure>{{.LatencyTime}}<figcaption>p50, p99 and maximum of the requests completed in each second{{if .R.ScheduleLag}}, and the p99 of their send lag: where it rises with the latency, the requests left late (all connections busy, or the generator behind), rather than the server answering slowly{{end}}.</figcaption></figure>
 
 <h2>Latency distribution</h2>
 <figure>{{.Spectrum}}<figcaption>Latency at each percentile (HdrHistogram percentile spectrum). The x axis stretches the tail: each step right is ten times rarer. A flat line is a server with no tail; a late hockey stick is the cost paid by one request in a hundred, a thousand, …</figcaption></figure>
@@ -247,7 +254,9 @@ func WriteReport(w io.Writer, res *Result) error {
 	p50.Color, p99.Color, mx.Color = palette(0), palette(1), palette(6)
 	mx.Dash = true
 	errs := line{Name: "errors/s", Color: palette(1)}
+	lag := line{Name: "send lag p99", Color: palette(3)}
 	for _, s := range res.Series {
+		lag.Points = append(lag.Points, xy{s.T, s.LagP99})
 		p50.Points = append(p50.Points, xy{s.T, s.P50})
 		p99.Points = append(p99.Points, xy{s.T, s.P99})
 		mx.Points = append(mx.Points, xy{s.T, s.Max})
@@ -261,6 +270,11 @@ func WriteReport(w io.Writer, res *Result) error {
 		spec.Lines = append(spec.Lines, spectrumLine(op.Op, op.Spectrum, palette(i)))
 	}
 	spec.X.Ticks = spectrumTicks(spec.Lines)
+
+	latencyLines := []line{p50, p99, mx}
+	if res.ScheduleLag != nil {
+		latencyLines = append(latencyLines, lag)
+	}
 
 	kinds := sortedKeys(res.Total.ErrorsByKind)
 	ek := &barChart{Title: "Errors by kind", Y: axis{Label: "errors"}}
@@ -298,7 +312,7 @@ func WriteReport(w io.Writer, res *Result) error {
 		Throughput: throughputChart(res.Series, warm).svg(),
 		LatencyTime: (&lineChart{
 			Title: "Latency over time", X: axis{Label: "time", Format: fmtSeconds},
-			Y: msAxis("latency"), Lines: []line{p50, p99, mx}, Bands: warmBand(warm),
+			Y: msAxis("latency"), Lines: latencyLines, Bands: warmBand(warm),
 		}).svg(),
 		Spectrum: spec.svg(),
 		ErrorsTime: (&lineChart{

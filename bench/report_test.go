@@ -163,6 +163,7 @@ func TestReport(t *testing.T) {
 		"Throughput over time", "Latency over time", "Latency distribution", "Errors",
 		"99.9%", "warm-up", res.Machine.GoVersion, res.Machine.GOOS, "404",
 		"<td>read</td>", "<td>list</td>", "<td>update</td>", "<td>create</td>",
+		"send lag p99", "<td>send lag</td>", // open loop: the card, the chart's line, the table
 	} {
 		if !bytes.Contains(page, []byte(want)) {
 			t.Errorf("report lacks %q", want)
@@ -369,9 +370,20 @@ func TestTable(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := b.String()
-	for _, want := range []string{"open loop at 1000 req/s", "read", "list", "update", "create", "all", "errors: 404 ×", "send lag"} {
+	for _, want := range []string{"open loop at 1000 req/s", "read", "list", "update", "create", "all", "errors: 404 ×"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
 		}
+	}
+	// The open loop's send lag is a row beside the latencies: p50, p90,
+	// p99, p99.9 and max.
+	var lagRow []string
+	for line := range strings.Lines(out) {
+		if f := strings.Fields(line); len(f) > 2 && f[0] == "send" && f[1] == "lag" {
+			lagRow = f[2:]
+		}
+	}
+	if len(lagRow) != 5 {
+		t.Errorf("send lag row %q, want 5 durations:\n%s", lagRow, out)
 	}
 }

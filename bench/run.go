@@ -99,6 +99,9 @@ type sender struct {
 	wmu      sync.Mutex
 	conn     net.Conn // written by the sender under wmu; nil when not connected
 
+	// pacer waits for intended send times; open loop only.
+	pacer *pacer
+
 	mu  sync.Mutex
 	buf []sample // guarded by mu; swapped out by the collector
 }
@@ -438,9 +441,13 @@ func (r *run) closedLoop(s *sender) {
 	}
 }
 
-func (r *run) openLoop(ctx context.Context, s *sender) {
-	timer := time.NewTimer(time.Hour)
-	timer.Stop()
+// openLoop sends the tickets of the schedule this sender draws, each at its
+// intended time. A sender draws a ticket only when it is free, so a ticket
+// waits for a connection only when all are busy, and that queueing counts as
+// latency. An early sender waits on its pacer, which wakes it within tens of
+// microseconds of the intended time (see pace.go); the difference between
+// the actual send and the intended time is kept as the schedule lag.
+func (r *run) openLoop(s *sender) {
 	for !r.stop.Load() {
 		k := r.ticket.Add(1) - 1
 		if k >= r.maxTicket {
@@ -450,17 +457,11 @@ func (r *run) openLoop(ctx context.Context, s *sender) {
 		if intended >= r.end {
 			return
 		}
-		now := int64(time.Since(r.t0))
-		if now >= r.hardStop {
+		if int64(time.Since(r.t0)) >= r.hardStop {
 			return // the rest of the schedule is reported as unsent
 		}
-		if wait := intended - now; wait > 0 {
-			timer.Reset(time.Duration(wait))
-			select {
-			case <-timer.C:
-			case <-ctx.Done():
-				return
-			}
+		if !s.pacer.waitUntil(r.t0, intended) {
+			return // stopped
 		}
 		smp := s.do(s.pick.op(), intended, int64(time.Since(r.t0)), r.t0)
 		if r.stop.Load() && smp.out != outOK {
@@ -553,6 +554,16 @@ func Run(ctx context.Context, cfg Config, progress io.Writer) (*Result, error) {
 		r.hardStop = last + int64(cfg.Timeout)
 	}
 
+	if cfg.Mode() == OpenLoop {
+		for _, s := range senders {
+			if s.pacer, err = newPacer(); err != nil {
+				closePacers(senders)
+				return nil, fmt.Errorf("bench: %w", err)
+			}
+		}
+		defer closePacers(senders)
+	}
+
 	col := newCollector(&cfg, progress)
 	spares := make([][]sample, len(senders))
 
@@ -562,7 +573,7 @@ func Run(ctx context.Context, cfg Config, progress io.Writer) (*Result, error) {
 	for _, s := range senders {
 		wg.Go(func() {
 			if cfg.Mode() == OpenLoop {
-				r.openLoop(ctx, s)
+				r.openLoop(s)
 			} else {
 				r.closedLoop(s)
 			}
@@ -597,6 +608,11 @@ loop:
 		case <-ctx.Done():
 			canceled = true
 			r.stop.Store(true)
+			for _, s := range senders {
+				if s.pacer != nil {
+					s.pacer.stop()
+				}
+			}
 			// Fail what is in flight, and keep doing so for requests a
 			// sender started just before it saw the stop.
 			for {
@@ -634,6 +650,14 @@ loop:
 		}
 	}
 	return res, nil
+}
+
+func closePacers(senders []*sender) {
+	for _, s := range senders {
+		if s.pacer != nil {
+			_ = s.pacer.close()
+		}
+	}
 }
 
 // scheduledMeasured is the number of open-loop tickets intended at or after

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -177,61 +178,88 @@ func TestTimeoutWatchdog(t *testing.T) {
 	}
 }
 
-// stallServer answers at once except during [from, to) after its first
-// request, when every request waits until `to`.
-func stallServer(t *testing.T, from, to time.Duration) string {
-	var once sync.Once
-	var first time.Time
+// stallServer answers at once except for a pause of length stall, which
+// begins with the first request that arrives from after the server's first
+// request: that request and every one arriving in the pause wait until its
+// end, so the first waits the whole pause.
+func stallServer(t *testing.T, from, stall time.Duration) string {
+	var (
+		mu         sync.Mutex
+		first, end time.Time
+	)
 	return serveHandler(t, func(c *fasthttp.RequestCtx) {
-		once.Do(func() { first = time.Now() })
-		since := time.Since(first)
-		if since >= from && since < to {
-			time.Sleep(to - since)
+		now := time.Now()
+		mu.Lock()
+		if first.IsZero() {
+			first = now
+		}
+		if end.IsZero() && now.Sub(first) >= from {
+			end = now.Add(stall)
+		}
+		wait := end.Sub(now)
+		mu.Unlock()
+		if wait > 0 {
+			time.Sleep(wait)
 		}
 		c.Response.Header.Set("ETag", `"1"`)
 		c.SetBodyString(`{"id":1}`)
 	})
 }
 
-// TestOpenLoopShowsStall is the coordinated-omission test: a server that
-// stalls for 400ms must show it in the open loop's percentiles, because
-// latency counts from each request's intended send time. The closed loop,
-// whose few connections simply wait, records only a handful of slow samples.
+// TestOpenLoopShowsStall is the coordinated-omission test: the server
+// pauses every answer for 500 ms in the middle of the run. In the open loop
+// latency counts from each request's intended send time, so every request
+// intended during the pause waits for its end: the maximum is the pause, and
+// the tail holds the pause's share of the schedule. The closed loop, whose
+// few connections simply wait, records only a handful of slow samples.
 func TestOpenLoopShowsStall(t *testing.T) {
-	const stall = 400 * time.Millisecond
-	open := quickConfig(stallServer(t, 300*time.Millisecond, 300*time.Millisecond+stall))
-	open.Rate, open.Requests, open.Duration = 500, 0, 1200*time.Millisecond
+	const (
+		run   = 2500 * time.Millisecond
+		from  = 1000 * time.Millisecond
+		stall = 500 * time.Millisecond
+		rate  = 400
+	)
+	open := quickConfig(stallServer(t, from, stall))
+	open.Rate, open.Requests, open.Duration = rate, 0, run
 	res, err := Run(context.Background(), open, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	// A third of the schedule falls in the stall, waiting 0..400ms: p99
-	// is near 400ms, p90 near 280ms.
 	l := res.Total.Latency
-	if l.P99 < 300 || l.Max < 350 {
-		t.Errorf("open loop p99 = %vms, max = %vms: the 400ms stall is hidden", l.P99, l.Max)
+	t.Logf("open loop: p50 %.1fms p90 %.1fms p99 %.1fms max %.1fms; lag %+v", l.P50, l.P90, l.P99, l.Max, res.ScheduleLag)
+	// A request intended s before the end of the pause waits s, so the
+	// slowest fraction f of the schedule waits at least stall - f×run:
+	// p99 ≈ 500 - 0.01×2500 = 475 ms, p90 ≈ 500 - 250 = 250 ms.
+	want := func(q float64) float64 { return msOf(stall) - (1-q)*msOf(run) }
+	if l.Max < msOf(stall) {
+		t.Errorf("open loop max = %.1fms, want ≥ the %v pause", l.Max, stall)
 	}
-	if l.P90 < 150 {
-		t.Errorf("open loop p90 = %vms, want > 150ms (a third of requests were queued)", l.P90)
+	if lo, hi := 0.9*want(0.99), msOf(stall)+50; l.P99 < lo || l.P99 > hi {
+		t.Errorf("open loop p99 = %.1fms, want %.0fms (%.0f..%.0f): the requests intended during the pause", l.P99, want(0.99), lo, hi)
 	}
-	if res.ScheduleLag == nil || res.ScheduleLag.Max < 300 {
-		t.Errorf("schedule lag = %+v, want the stall to show as lag", res.ScheduleLag)
+	if lo, hi := 0.8*want(0.90), 1.2*want(0.90); l.P90 < lo || l.P90 > hi {
+		t.Errorf("open loop p90 = %.1fms, want %.0fms (%.0f..%.0f)", l.P90, want(0.90), lo, hi)
 	}
-	if want := int64(600); res.Total.Requests+res.Unsent != want {
+	if res.ScheduleLag == nil || res.ScheduleLag.Max < 0.9*msOf(stall) {
+		t.Errorf("schedule lag = %+v, want the pause to show as lag", res.ScheduleLag)
+	}
+	if want := int64(rate * run / time.Second); res.Total.Requests+res.Unsent != want {
 		t.Errorf("requests %d + unsent %d, want the %d scheduled", res.Total.Requests, res.Unsent, want)
 	}
 
-	closed := quickConfig(stallServer(t, 300*time.Millisecond, 300*time.Millisecond+stall))
-	closed.Requests, closed.Duration = 0, 1200*time.Millisecond
+	closed := quickConfig(stallServer(t, from, stall))
+	closed.Requests, closed.Duration = 0, run
 	cres, err := Run(context.Background(), closed, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cres.Total.Latency.Max < 350 {
-		t.Errorf("closed loop max = %vms, want the stall", cres.Total.Latency.Max)
+	cl := cres.Total.Latency
+	t.Logf("closed loop: p50 %.1fms p90 %.1fms p99 %.1fms max %.1fms", cl.P50, cl.P90, cl.P99, cl.Max)
+	if cl.Max < 0.9*msOf(stall) {
+		t.Errorf("closed loop max = %.1fms, want the pause", cl.Max)
 	}
-	if cl := cres.Total.Latency.P99; cl > l.P99/3 {
-		t.Errorf("closed loop p99 = %vms is not far below the open loop's %vms; want coordinated omission visible", cl, l.P99)
+	if cl.P99 > l.P99/10 {
+		t.Errorf("closed loop p99 = %.1fms is not far below the open loop's %.1fms; want coordinated omission visible", cl.P99, l.P99)
 	}
 }
 
@@ -274,24 +302,37 @@ func TestWarmupExcluded(t *testing.T) {
 	}
 }
 
+// TestCancelStopsPromptly: a canceled run returns at once, with requests in
+// flight to a server that never answers, and with open-loop senders waiting
+// seconds for their intended send times.
 func TestCancelStopsPromptly(t *testing.T) {
 	release := make(chan struct{})
 	url := serveHandler(t, func(c *fasthttp.RequestCtx) { <-release })
 	defer close(release)
-	cfg := quickConfig(url)
-	cfg.Requests, cfg.Duration = 0, time.Minute
-	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
-	defer cancel()
-	start := time.Now()
-	res, err := Run(ctx, cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if el := time.Since(start); el > 2*time.Second {
-		t.Errorf("canceled run took %v to return", el)
-	}
-	if !res.Canceled {
-		t.Error("Canceled not set")
+	for _, tc := range []struct {
+		name string
+		rate float64
+	}{
+		{"closed loop", 0},
+		{"open loop", 1}, // 4 senders: the last waits 3 s for its first request
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := quickConfig(url)
+			cfg.Requests, cfg.Duration, cfg.Rate = 0, time.Minute, tc.rate
+			ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+			defer cancel()
+			start := time.Now()
+			res, err := Run(ctx, cfg, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if el := time.Since(start); el > time.Second {
+				t.Errorf("canceled run took %v to return", el)
+			}
+			if !res.Canceled {
+				t.Error("Canceled not set")
+			}
+		})
 	}
 }
 
@@ -353,3 +394,96 @@ func TestProgressLines(t *testing.T) {
 		t.Errorf("%d series entries, %d progress lines", len(res.Series), len(lines))
 	}
 }
+
+// fixedLatencyServer answers every request exactly d after its handler
+// starts. It sleeps on a pacer until 200 µs before that (a Go sleep would end
+// up to a millisecond late, see pace.go), then spins to the microsecond. It
+// does not spin the whole d: on a loaded machine a thread that burns its
+// time slice waits behind the other processes, while one that mostly sleeps
+// runs as soon as it wakes, and the server must keep its latency. A pacer
+// that woke late would make the server late, which the test would see.
+func fixedLatencyServer(t *testing.T, d time.Duration) string {
+	t.Helper()
+	const spin = 200 * time.Microsecond
+	pacers := make(chan *pacer, 16) // more than the test's connections
+	for range cap(pacers) {
+		p, err := newPacer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = p.close() })
+		pacers <- p
+	}
+	return serveHandler(t, func(c *fasthttp.RequestCtx) {
+		start := time.Now()
+		p := <-pacers
+		p.waitUntil(start, int64(d-spin))
+		pacers <- p
+		for time.Since(start) < d {
+		}
+		c.SetBodyString(`{"id":1}`)
+	})
+}
+
+// TestKnownLatency: against a server that answers in exactly 1 ms, at a
+// light load, both loops report what the server does: p50 within 0.1 ms of
+// it and p99 within 0.5 ms. The open loop used to report about 0.5 ms more,
+// the lateness of the Go timers its senders slept on.
+//
+// The bounds hold whenever the machine has a core for the generator. On a
+// shared machine another process can hold both cores for milliseconds, so a
+// run whose figures miss is repeated, up to a few times; an error in the
+// generator is systematic and misses in every run.
+func TestKnownLatency(t *testing.T) {
+	const (
+		d        = time.Millisecond
+		attempts = 5
+	)
+	url := fixedLatencyServer(t, d)
+	for _, tc := range []struct {
+		name  string
+		rate  float64
+		conns int
+	}{
+		// 8 senders at 400 req/s: each waits about 20 ms for its next
+		// intended time, so every request is paced.
+		{"open loop", 400, 8},
+		// One connection: the server is busy 1 ms per request and the
+		// generator in between.
+		{"closed loop", 0, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := quickConfig(url)
+			cfg.Rate, cfg.Connections = tc.rate, tc.conns
+			// 1,200 samples: the p99 is the 12th slowest.
+			cfg.Requests, cfg.Duration, cfg.Warmup = 1200, 0, 300*time.Millisecond
+			var misses []string
+			for range attempts {
+				res, err := Run(context.Background(), cfg, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if res.Total.Errors != 0 {
+					t.Fatalf("errors %v, want none", res.Total.ErrorsByKind)
+				}
+				l := res.Total.Latency
+				got := fmt.Sprintf("%d requests: p50 %.3fms p90 %.3fms p99 %.3fms max %.3fms", res.Total.Requests, l.P50, l.P90, l.P99, l.Max)
+				if lag := res.ScheduleLag; lag != nil {
+					got += fmt.Sprintf("; schedule lag p50 %.3fms p99 %.3fms", lag.P50, lag.P99)
+				}
+				t.Log(got)
+				if l.P50 < msOf(d) {
+					t.Fatalf("p50 = %.3fms, below the server's %v", l.P50, d)
+				}
+				if l.P50 <= msOf(d+100*time.Microsecond) && l.P99 <= msOf(d+500*time.Microsecond) {
+					return
+				}
+				misses = append(misses, got)
+			}
+			t.Errorf("want p50 ≤ %v and p99 ≤ %v in one of %d runs, got:\n%s",
+				d+100*time.Microsecond, d+500*time.Microsecond, attempts, strings.Join(misses, "\n"))
+		})
+	}
+}
+
+func msOf(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }

@@ -1,0 +1,120 @@
+#!/bin/sh
+# compare-vegeta.sh: the open loop of userapi bench against vegeta's, against
+# the same server, in alternation, so both see the same machine load.
+#
+#   bench/compare-vegeta.sh [URL] [ROUNDS] [SECONDS] [RATES] [CONNECTIONS]
+#
+# Defaults: 3 rounds of 6 s at 2000 and 5000 req/s ("2000 5000"), 64
+# connections. Without URL it starts `userapi serve --cache local` over a
+# temporary SQLite database seeded with IDS users (default 10000, the hot
+# set), on a free 127.0.0.1 port. With URL (a running userapi whose users
+# 1..IDS exist) it uses that.
+#
+# vegeta (github.com/tsenart/vegeta/v12, an open-loop generator of its own)
+# is built with `go install` into the temporary directory: it is a tool of
+# this script, not a dependency of the service. Set VEGETA to use a vegeta
+# binary already built, and USERAPI to run a given userapi binary (an older
+# build, to compare before and after).
+#
+# Each round runs, for every rate, vegeta (`attack -rate R -workers C
+# -max-workers C`, keep-alive, GET URL/users/i for i in 1..IDS round robin)
+# and userapi bench (`--rate R --connections C --ids IDS`, uniform reads of
+# the same ids, no warm-up, like vegeta), the order alternating, and prints
+# the p50, p90 and p99 latency of both, userapi bench's schedule lag, and the
+# ratios. vegeta counts latency from the moment it sends, userapi bench from
+# the intended send time; at a rate the server sustains they should agree.
+# The last lines give, per rate, the median and range of the per-round
+# ratios, and how many rounds agree within 20 % or 0.1 ms.
+# Needs go, python3, bc and curl.
+set -eu
+
+cd "$(dirname "$0")/.."
+url=${1:-}
+rounds=${2:-3}
+secs=${3:-6}
+rates=${4:-2000 5000}
+conns=${5:-64}
+ids=${IDS:-10000}
+
+tmp=$(mktemp -d)
+srv_pid=
+cleanup() {
+	if [ -n "$srv_pid" ]; then kill "$srv_pid" 2>/dev/null || true; wait "$srv_pid" 2>/dev/null || true; fi
+	rm -rf "$tmp"
+}
+trap cleanup EXIT INT TERM
+
+userapi=${USERAPI:-}
+if [ -z "$userapi" ]; then
+	go build -o "$tmp/userapi" ./cmd/userapi
+	userapi=$tmp/userapi
+fi
+vegeta=${VEGETA:-}
+if [ -z "$vegeta" ]; then
+	# Outside the module, so the service's go.mod is not touched.
+	(cd "$tmp" && GOBIN="$tmp/bin" GOFLAGS= go install github.com/tsenart/vegeta/v12@v12.13.0)
+	vegeta=$tmp/bin/vegeta
+fi
+
+if [ -z "$url" ]; then
+	db="sqlite:$tmp/users.db"
+	"$userapi" migrate --db "$db" >"$tmp/migrate.log" 2>&1
+	"$userapi" seed --db "$db" --users "$ids" >"$tmp/seed.log" 2>&1
+	port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+	"$userapi" serve --db "$db" --cache local --addr "127.0.0.1:$port" --log-level error >"$tmp/serve.log" 2>&1 &
+	srv_pid=$!
+	url="http://127.0.0.1:$port"
+	for _ in $(seq 50); do
+		curl -sf "$url/readyz" >/dev/null 2>&1 && break
+		sleep 0.2
+	done
+	curl -sf "$url/readyz" >/dev/null || { echo "compare-vegeta: the server did not become ready:" >&2; cat "$tmp/serve.log" >&2; exit 1; }
+fi
+i=1
+while [ "$i" -le "$ids" ]; do echo "GET $url/users/$i"; i=$((i + 1)); done >"$tmp/targets"
+
+run_vegeta() { # rate
+	"$vegeta" attack -targets "$tmp/targets" -rate "$1" -duration "${secs}s" -workers "$conns" -max-workers "$conns" \
+		| "$vegeta" report -type json >"$tmp/vegeta.json"
+	set -- $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); l=r["latencies"]
+print(l["50th"]/1e6, l["90th"]/1e6, l["99th"]/1e6, r["requests"] - round(r["success"] * r["requests"]))' "$tmp/vegeta.json")
+	v_p50=$1 v_p90=$2 v_p99=$3 v_err=$4
+}
+
+run_bench() { # rate
+	"$userapi" bench "$url" --rate "$1" --connections "$conns" --duration "${secs}s" --warmup 0s --ids "$ids" --json --quiet >"$tmp/bench.json"
+	set -- $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); t=r["total"]; l=t["latency_ms"]; g=r["schedule_lag_ms"]
+print(l["p50"], l["p90"], l["p99"], g["p50"], g["p99"], t["errors"])' "$tmp/bench.json")
+	b_p50=$1 b_p90=$2 b_p99=$3 b_lag50=$4 b_lag99=$5 b_err=$6
+}
+
+echo "server $url, $rounds rounds of ${secs}s at $rates req/s, $conns connections, $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
+printf '%-5s %6s   %7s %7s %7s   %7s %7s %7s   %7s %7s   %6s %6s  %s\n' \
+	round rate "v p50" "v p90" "v p99" "b p50" "b p90" "b p99" "lag p50" "lag p99" "p50" "p99" errors
+r=1
+while [ "$r" -le "$rounds" ]; do
+	for rate in $rates; do
+		# Alternate who goes first, so neither always meets a colder server.
+		if [ $((r % 2)) -eq 1 ]; then run_vegeta "$rate"; run_bench "$rate"; else run_bench "$rate"; run_vegeta "$rate"; fi
+		printf '%-5s %6s   %7.3f %7.3f %7.3f   %7.3f %7.3f %7.3f   %7.3f %7.3f   %6.2f %6.2f  %s/%s\n' \
+			"$r" "$rate" "$v_p50" "$v_p90" "$v_p99" "$b_p50" "$b_p90" "$b_p99" "$b_lag50" "$b_lag99" \
+			"$(echo "$b_p50 / $v_p50" | bc -l)" "$(echo "$b_p99 / $v_p99" | bc -l)" "$v_err" "$b_err"
+		echo "$rate $v_p50 $b_p50 $v_p99 $b_p99" >>"$tmp/rounds"
+	done
+	r=$((r + 1))
+done
+echo "latencies in ms (v: vegeta, b: userapi bench); ratios are userapi bench / vegeta; errors vegeta/bench"
+# The rounds of a shared machine disagree; per rate, the median of the
+# per-round ratios is the figure to quote, with its range, and "agree"
+# counts the rounds within 20 % or 0.1 ms of vegeta.
+python3 - "$tmp/rounds" <<'EOF'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+for rate in dict.fromkeys(r[0] for r in rows):
+    rs = [list(map(float, r[1:])) for r in rows if r[0] == rate]
+    for name, v, b in (("p50", 0, 1), ("p99", 2, 3)):
+        ratios = [x[b] / x[v] for x in rs]
+        agree = sum(abs(x[b] - x[v]) <= max(0.2 * x[v], 0.1) for x in rs)
+        print(f"{rate:>6} req/s {name}: median ratio {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}), "
+              f"within 20 % or 0.1 ms in {agree} of {len(rs)} rounds")
+EOF

@@ -1,0 +1,42 @@
+package bench
+
+import (
+	"fmt"
+	"os"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// pacer is a timerfd read through the runtime's poller: the goroutine parks
+// like on a socket, and the timer's expiry wakes the poller at once instead
+// of at its next whole millisecond (see pace.go).
+type pacer struct {
+	fd  int
+	f   *os.File // owns fd; reads on it park the goroutine in the poller
+	buf [8]byte  // the expiration count a read returns
+}
+
+func newPacer() (*pacer, error) {
+	fd, err := unix.TimerfdCreate(unix.CLOCK_MONOTONIC, unix.TFD_NONBLOCK|unix.TFD_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("timerfd_create: %w", err)
+	}
+	return &pacer{fd: fd, f: os.NewFile(uintptr(fd), "bench-pacer")}, nil
+}
+
+// sleep waits d (> 0), and reports false if the pacer was stopped.
+func (p *pacer) sleep(d time.Duration) bool {
+	spec := unix.ItimerSpec{Value: unix.NsecToTimespec(int64(d))}
+	if err := unix.TimerfdSettime(p.fd, 0, &spec, nil); err != nil {
+		return false // only on a closed descriptor: stopped
+	}
+	_, err := p.f.Read(p.buf[:])
+	return err == nil
+}
+
+// stop makes the sleep in progress and every later one return false at
+// once; it may be called while the sender sleeps.
+func (p *pacer) stop() { _ = p.f.SetReadDeadline(time.Unix(1, 0)) }
+
+func (p *pacer) close() error { return p.f.Close() }
