@@ -2,6 +2,7 @@
 
 package bench
 
-// raceEnabled is set under the race detector, whose instrumentation
-// allocates and would make allocation counts meaningless.
+// raceEnabled is set under the race detector, whose instrumentation slows
+// every round trip (TestKnownLatency allows for it) and
+// allocates, which would make allocation counts meaningless.
 const raceEnabled = true

@@ -434,11 +434,21 @@ func fixedLatencyServer(t *testing.T, d time.Duration) string {
 // shared machine another process can hold both cores for milliseconds, so a
 // run whose figures miss is repeated, up to a few times; an error in the
 // generator is systematic and misses in every run.
+//
+// Under the race detector every read and write of the client and the server
+// is instrumented, which adds 40 to 80 µs to a round trip on a quiet 2-core
+// machine; the bounds then allow 0.1 ms more. Timer lateness, the error this
+// test exists for, is 0.5 ms and still fails them.
 func TestKnownLatency(t *testing.T) {
 	const (
 		d        = time.Millisecond
 		attempts = 5
 	)
+	var slack time.Duration
+	if raceEnabled {
+		slack = 100 * time.Microsecond
+	}
+	p50, p99 := d+100*time.Microsecond+slack, d+500*time.Microsecond+slack
 	url := fixedLatencyServer(t, d)
 	for _, tc := range []struct {
 		name  string
@@ -475,13 +485,13 @@ func TestKnownLatency(t *testing.T) {
 				if l.P50 < msOf(d) {
 					t.Fatalf("p50 = %.3fms, below the server's %v", l.P50, d)
 				}
-				if l.P50 <= msOf(d+100*time.Microsecond) && l.P99 <= msOf(d+500*time.Microsecond) {
+				if l.P50 <= msOf(p50) && l.P99 <= msOf(p99) {
 					return
 				}
 				misses = append(misses, got)
 			}
 			t.Errorf("want p50 ≤ %v and p99 ≤ %v in one of %d runs, got:\n%s",
-				d+100*time.Microsecond, d+500*time.Microsecond, attempts, strings.Join(misses, "\n"))
+				p50, p99, attempts, strings.Join(misses, "\n"))
 		})
 	}
 }
