@@ -7,6 +7,7 @@ import (
 	"hash/maphash"
 	"os"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/lestrrat-go/httprc/v3"
@@ -34,6 +35,12 @@ const (
 	// JWKS; the provider's Cache-Control may make it longer (up to a day).
 	DefaultJWKSRefresh = 15 * time.Minute
 
+	// jwksRefetchInterval is the least interval between the fetches that a
+	// token naming an unknown kid forces: a provider that rotates its key
+	// is followed at once, a stream of forged kids costs one fetch per
+	// interval.
+	jwksRefetchInterval = 30 * time.Second
+
 	// maxCachedTokens bounds the cache of verified tokens.
 	maxCachedTokens = 100_000
 )
@@ -56,11 +63,14 @@ func (c JWTConfig) Enabled() bool { return c.JWKSURL != "" || c.PublicKeyFile !=
 // expire, so a client sending the same token again costs a hash and a
 // lookup.
 type jwtVerifier struct {
-	cfg   JWTConfig
-	algs  []jwa.SignatureAlgorithm // pinned; the token's header must name one
-	keys  func(context.Context) (jwk.Set, error)
-	seed  maphash.Seed
-	cache *otter.Cache[uint64, *tokenEntry]
+	cfg  JWTConfig
+	algs []jwa.SignatureAlgorithm // pinned; the token's header must name one
+	keys func(context.Context) (jwk.Set, error)
+	// refetch fetches the JWKS now, at most once per jwksRefetchInterval;
+	// nil for a key file.
+	refetch func(context.Context) (jwk.Set, error)
+	seed    maphash.Seed
+	cache   *otter.Cache[uint64, *tokenEntry]
 }
 
 type tokenEntry struct {
@@ -112,6 +122,19 @@ func newJWTVerifier(ctx context.Context, cfg JWTConfig) (*jwtVerifier, error) {
 	}
 	v.keys = func(ctx context.Context) (jwk.Set, error) {
 		set, err := jc.Lookup(ctx, cfg.JWKSURL)
+		if err != nil {
+			return nil, fmt.Errorf("%w: jwks %s: %w", userapi.ErrUnavailable, cfg.JWKSURL, err)
+		}
+		return set, nil
+	}
+	var lastRefetch atomic.Int64 // unix nanoseconds
+	v.refetch = func(ctx context.Context) (jwk.Set, error) {
+		last := lastRefetch.Load()
+		now := time.Now().UnixNano()
+		if now-last < int64(jwksRefetchInterval) || !lastRefetch.CompareAndSwap(last, now) {
+			return nil, nil
+		}
+		set, err := jc.Refresh(ctx, cfg.JWKSURL)
 		if err != nil {
 			return nil, fmt.Errorf("%w: jwks %s: %w", userapi.ErrUnavailable, cfg.JWKSURL, err)
 		}
@@ -211,6 +234,22 @@ func (v *jwtVerifier) fetchKeys(ctx context.Context, sink jws.KeySink, sig *jws.
 		return err
 	}
 	kid, _ := hdr.KeyID()
+	if offerKeys(sink, set, alg, kid) > 0 || kid == "" || v.refetch == nil {
+		return nil
+	}
+	// A kid the set does not have: the provider may have rotated its key.
+	set, err = v.refetch(ctx)
+	if err != nil || set == nil {
+		return err
+	}
+	offerKeys(sink, set, alg, kid)
+	return nil
+}
+
+// offerKeys offers the keys of set that may have made a signature with alg
+// and kid, and returns how many it offered.
+func offerKeys(sink jws.KeySink, set jwk.Set, alg jwa.SignatureAlgorithm, kid string) int {
+	n := 0
 	for i := range set.Len() {
 		key, _ := set.Key(i)
 		if id, ok := key.KeyID(); kid != "" && (!ok || id != kid) {
@@ -223,8 +262,9 @@ func (v *jwtVerifier) fetchKeys(ctx context.Context, sink jws.KeySink, sig *jws.
 			continue
 		}
 		sink.Key(alg, key)
+		n++
 	}
-	return nil
+	return n
 }
 
 func (v *jwtVerifier) pinned(alg jwa.SignatureAlgorithm) bool {
