@@ -442,7 +442,7 @@ func fixedLatencyServer(t *testing.T, d time.Duration) string {
 func TestKnownLatency(t *testing.T) {
 	const (
 		d        = time.Millisecond
-		attempts = 5
+		attempts = 8
 	)
 	var slack time.Duration
 	if raceEnabled {
