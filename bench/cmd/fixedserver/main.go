@@ -5,7 +5,11 @@
 // fixedserver" is a statement about the service's overhead, and running
 // `userapi bench` and wrk against it compares the load generators.
 //
-//	go run ./bench/cmd/fixedserver --addr 127.0.0.1:8090
+// With --delay D every answer leaves D after its request was read (a sleep
+// that ends 200 µs early, then a busy wait), a server of known latency
+// against which load generators' latency figures can be checked.
+//
+//	go run ./bench/cmd/fixedserver --addr 127.0.0.1:8090 [--delay 1ms]
 package main
 
 import (
@@ -39,6 +43,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	fs := flag.NewFlagSet("fixedserver", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	addr := fs.String("addr", "127.0.0.1:8090", "listen address")
+	delay := fs.Duration("delay", 0, "answer each request this long after reading it")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -50,6 +55,9 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	b := []byte(body)
 	srv := &fasthttp.Server{
 		Handler: func(c *fasthttp.RequestCtx) {
+			if d := *delay; d > 0 {
+				wait(time.Now(), d)
+			}
 			c.SetContentType("application/json")
 			c.Response.Header.Set(fasthttp.HeaderETag, `"1"`)
 			c.SetBody(b)
@@ -72,4 +80,15 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		return fmt.Errorf("shutdown: %w", err)
 	}
 	return nil
+}
+
+// wait returns d after start: a sleep to 200 µs before, whose lateness the
+// busy wait that follows absorbs.
+func wait(start time.Time, d time.Duration) {
+	const spin = 200 * time.Microsecond
+	if rest := d - spin - time.Since(start); rest > 0 {
+		time.Sleep(rest)
+	}
+	for time.Since(start) < d {
+	}
 }
