@@ -27,7 +27,8 @@
 # ratios, and how many rounds agree within 20 % or 0.1 ms.
 # With DELAY set (e.g. DELAY=1ms) and no URL, the server is fixedserver
 # --delay DELAY instead (bench/cmd/fixedserver: every answer leaves exactly
-# DELAY after its request was read), so each generator's figures can be
+# DELAY after its handler starts, to within the wake-up time of a free
+# core: internal/pace), so each generator's figures can be
 # read against a known latency: what a generator reports above DELAY is its
 # own (and the loopback's) time.
 # The service runs with --auth off and --rate-limit off: the comparison is

@@ -5,9 +5,10 @@
 // fixedserver" is a statement about the service's overhead, and running
 // `userapi bench` and wrk against it compares the load generators.
 //
-// With --delay D every answer leaves D after its request was read (a sleep
-// that ends 200 µs early, then a busy wait), a server of known latency
-// against which load generators' latency figures can be checked.
+// With --delay D every answer leaves D after its handler starts (a sleep on
+// a timerfd that ends 50 µs early, then a busy wait: internal/pace), a
+// server of known latency against which load generators' latency figures
+// can be checked.
 //
 //	go run ./bench/cmd/fixedserver --addr 127.0.0.1:8090 [--delay 1ms]
 package main
@@ -23,6 +24,8 @@ import (
 	"os/signal"
 	"syscall"
 	"time"
+
+	"userapi/internal/pace"
 
 	"github.com/valyala/fasthttp"
 )
@@ -53,10 +56,15 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	fmt.Fprintf(stderr, "fixedserver listening on http://%s\n", ln.Addr())
 	b := []byte(body)
+	var hold *pace.Hold
+	if *delay > 0 {
+		hold = pace.NewHold(*delay, 256)
+		defer hold.Close()
+	}
 	srv := &fasthttp.Server{
 		Handler: func(c *fasthttp.RequestCtx) {
-			if d := *delay; d > 0 {
-				wait(time.Now(), d)
+			if hold != nil {
+				hold.Wait(time.Now())
 			}
 			c.SetContentType("application/json")
 			c.Response.Header.Set(fasthttp.HeaderETag, `"1"`)
@@ -80,15 +88,4 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		return fmt.Errorf("shutdown: %w", err)
 	}
 	return nil
-}
-
-// wait returns d after start: a sleep to 200 µs before, whose lateness the
-// busy wait that follows absorbs.
-func wait(start time.Time, d time.Duration) {
-	const spin = 200 * time.Microsecond
-	if rest := d - spin - time.Since(start); rest > 0 {
-		time.Sleep(rest)
-	}
-	for time.Since(start) < d {
-	}
 }
