@@ -64,30 +64,31 @@ if [ -z "$vegeta" ]; then
 	vegeta=$tmp/bin/vegeta
 fi
 
-if [ -z "$url" ] && [ -n "${DELAY:-}" ]; then
-	go build -o "$tmp/fixedserver" ./bench/cmd/fixedserver
+# start NAME PATH COMMAND...: run the server on a free port and wait until
+# PATH answers.
+start() {
+	name=$1 path=$2
+	shift 2
 	port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-	"$tmp/fixedserver" --addr "127.0.0.1:$port" --delay "$DELAY" >"$tmp/serve.log" 2>&1 &
+	"$@" --addr "127.0.0.1:$port" >"$tmp/serve.log" 2>&1 &
 	srv_pid=$!
 	url="http://127.0.0.1:$port"
 	for _ in $(seq 50); do
-		curl -sf "$url/users/1" >/dev/null 2>&1 && break
+		curl -sf "$url$path" >/dev/null 2>&1 && return
 		sleep 0.2
 	done
-fi
-if [ -z "$url" ]; then
+	echo "compare-vegeta: $name did not become ready:" >&2
+	cat "$tmp/serve.log" >&2
+	exit 1
+}
+if [ -z "$url" ] && [ -n "${DELAY:-}" ]; then
+	go build -o "$tmp/fixedserver" ./bench/cmd/fixedserver
+	start fixedserver /users/1 "$tmp/fixedserver" --delay "$DELAY"
+elif [ -z "$url" ]; then
 	db="sqlite:$tmp/users.db"
 	"$userapi" migrate --db "$db" >"$tmp/migrate.log" 2>&1
 	"$userapi" seed --db "$db" --users "$ids" >"$tmp/seed.log" 2>&1
-	port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-	"$userapi" serve --db "$db" --cache local --addr "127.0.0.1:$port" --log-level error --auth off --rate-limit off >"$tmp/serve.log" 2>&1 &
-	srv_pid=$!
-	url="http://127.0.0.1:$port"
-	for _ in $(seq 50); do
-		curl -sf "$url/readyz" >/dev/null 2>&1 && break
-		sleep 0.2
-	done
-	curl -sf "$url/readyz" >/dev/null || { echo "compare-vegeta: the server did not become ready:" >&2; cat "$tmp/serve.log" >&2; exit 1; }
+	start userapi /readyz "$userapi" serve --db "$db" --cache local --log-level error --auth off --rate-limit off
 fi
 i=1
 while [ "$i" -le "$ids" ]; do echo "GET $url/users/$i"; i=$((i + 1)); done >"$tmp/targets"
