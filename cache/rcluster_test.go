@@ -83,6 +83,29 @@ func TestRedisClusterTiered(t *testing.T) {
 		checkTiers(t, a, db, id)
 		checkTiers(t, b, db, id)
 	}
+	// Starting every tier afresh (a lost change-stream position, too many
+	// invalidations missed) moves every group, and the other instance
+	// follows through every group's channel.
+	gensOf := func(c *Store) []int64 {
+		var g []int64
+		for _, sh := range c.redis.shards() {
+			g = append(g, sh.gen.Load())
+		}
+		return g
+	}
+	old := gensOf(a)
+	if err := a.redis.moveGeneration(testContext(t)); err != nil {
+		t.Fatal(err)
+	}
+	moved := gensOf(a)
+	for i := range moved {
+		if moved[i] <= old[i] {
+			t.Fatalf("group %d: generation %d after a move from %d", i, moved[i], old[i])
+		}
+	}
+	eventually(t, 2*time.Second, "B on every new generation", func() bool { return slices.Equal(gensOf(b), moved) })
+	serves(t, b, ids, want, 2*time.Second, "B after the move")
+
 	// Each group's keys are in the slot of its tag, as Redis hashes them.
 	sh := a.redis.lay.Load().shardOf(ids[0])
 	node := rc.MasterOf(t, sh.key(ids[0]))
