@@ -143,10 +143,23 @@ func statCalls(info, cmd string) int {
 	return 0
 }
 
-// failoverWindow is the staleness allowed a read on an instance other than
-// the writer's in the failover tests: the same bound as TestCoherence's,
-// since while a shard has no master every instance bypasses both tiers.
-const failoverWindow = coherenceWindow
+// sentinelFailoverWindow is the staleness allowed a read on an instance
+// other than the writer's when a Sentinel set fails over: TestCoherence's.
+// While the set has no master every instance bypasses both tiers, and the
+// sentinels tell every client of the new master at once (+switch-master).
+const sentinelFailoverWindow = coherenceWindow
+
+// clusterFailoverWindow is that staleness when a cluster's master fails
+// over. An instance finds the promoted replica when its client next
+// refreshes the slot map, which rueidis does after an error (or every
+// second) following a random delay of up to 1 s, so that many clients do
+// not all ask at once. Until then that instance's probe fails and a write
+// it makes of an id of the failed shard stays pending, while an instance
+// that refreshed earlier is back on Redis and its local tier: it serves
+// the id's old version until the writer's probe passes and applies the
+// invalidation. Bound: 1 s of refresh delay, two probe ticks (50 ms here),
+// and TestCoherence's margin.
+const clusterFailoverWindow = time.Second + coherenceWindow
 
 // TestRedisClusterFailover: three tiered instances under read and write
 // load over a Redis Cluster of 3 masters with a replica each; the master
@@ -171,7 +184,7 @@ func TestRedisClusterFailover(t *testing.T) {
 	var before []int64
 	var outage [2]time.Time
 	runCoherence(t, coherenceRun{
-		url: rc.URL(), keys: 8, run: 8 * time.Second, window: failoverWindow,
+		url: rc.URL(), keys: 8, run: 8 * time.Second, window: clusterFailoverWindow,
 		pause: 3 * time.Millisecond, outage: &outage,
 		keysCreated: func(ids []int64) {
 			tag := func(i int) string { return "x{" + shardTag(i, clusterShards) + "}" }
@@ -230,7 +243,7 @@ func TestRedisSentinelFailover(t *testing.T) {
 	var before int64
 	var outage [2]time.Time
 	runCoherence(t, coherenceRun{
-		url: ss.URL(), keys: 4, run: 6 * time.Second, window: failoverWindow,
+		url: ss.URL(), keys: 4, run: 6 * time.Second, window: sentinelFailoverWindow,
 		pause: 2 * time.Millisecond, outage: &outage,
 		ready: func(instances []*Store) {
 			inst = instances

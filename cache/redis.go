@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -489,11 +490,8 @@ func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry, hea
 			m.fillRedisSkipped.Inc()
 			continue
 		}
-		sh := l.shardOf(id)
-		gi := 0
-		if len(l.shards) > 1 {
-			gi = int(uint64(id) % uint64(len(l.shards)))
-		}
+		gi := l.groupOf(id)
+		sh := l.shards[gi]
 		call := &open[gi]
 		if len(call.keys) == 0 {
 			run := sh.runID.Load()
@@ -761,7 +759,8 @@ func (r *redisTier) recover() {
 		r.useLayoutOf(c)
 		r.box.Store(&clientBox{c: c, own: true})
 	}
-	if err := r.probeNow(); err != nil {
+	same, err := r.probeGroups()
+	if err != nil {
 		if r.s.ctx.Err() != nil {
 			return
 		}
@@ -770,12 +769,25 @@ func (r *redisTier) recover() {
 			r.s.log.Warn("redis unusable, failing open to the database", "err", err)
 		}
 		r.refreshGate()
+		if slices.Contains(same, true) && r.npending.Load() > 0 && !r.overflowed.Load() {
+			// One shard of a cluster down does not stop the others:
+			// the writes of their ids made meanwhile are applied to
+			// them now, not when the whole cluster is back (an
+			// instance back before this one would read those ids' old
+			// entries there). Only to groups whose probe just passed
+			// on the master of before: a group that failed over is
+			// moving to a new generation, and a tombstone put in the
+			// old one would be lost while its write was forgotten.
+			if err := r.applyPending(r.s.ctx, same); err != nil {
+				r.s.log.Debug("redis: pending invalidations not all applied", "err", err)
+			}
+		}
 		return
 	}
 	if r.usable() && r.npending.Load() == 0 && !r.overflowed.Load() {
 		return
 	}
-	if err := r.applyPending(r.s.ctx); err != nil {
+	if err := r.applyPending(r.s.ctx, nil); err != nil {
 		r.s.log.Debug("redis: pending invalidations not applied yet", "err", err)
 		return
 	}
@@ -789,8 +801,17 @@ func (r *redisTier) recover() {
 // probeNow runs probeScript, for each group of the layout (in a cluster,
 // on the master of each group's slot), adopts the generations it returns
 // and, for a Redis not seen before (a new run id), checks its eviction
-// policy.
+// policy. It fails if any group's probe did.
 func (r *redisTier) probeNow() error {
+	_, err := r.probeGroups()
+	return err
+}
+
+// probeGroups is probeNow, and also reports which groups' probes passed
+// on the Redis of the previous probe (same run id, so the generation
+// adopted is the one in use): in a cluster with one shard down, the
+// others'.
+func (r *redisTier) probeGroups() (same []bool, err error) {
 	r.probeMu.Lock()
 	defer r.probeMu.Unlock()
 	c := r.client()
@@ -811,31 +832,33 @@ func (r *redisTier) probeNow() error {
 	}
 	gens := make([]int64, len(l.shards))
 	runs := make([]string, len(l.shards))
+	ok := make([]bool, len(l.shards))
 	moved := 0
+	var firstErr error
 	for i, rr := range res {
-		vals, err := rr.ToArray()
+		g, run, mv, err := parseProbe(rr)
 		if err != nil {
-			return fmt.Errorf("redis probe: %w", err)
+			if firstErr == nil {
+				firstErr = err
+			}
+			gens[i] = l.shards[i].gen.Load() // unchanged
+			continue
 		}
-		if len(vals) != 3 {
-			return fmt.Errorf("redis probe: %d values", len(vals))
-		}
-		gs, err1 := vals[0].ToString()
-		run, err2 := vals[1].ToString()
-		mv, err3 := vals[2].AsInt64()
-		g, err4 := strconv.ParseInt(gs, 10, 64)
-		if err := errors.Join(err1, err2, err3, err4); err != nil {
-			return fmt.Errorf("redis probe: %w", err)
-		}
-		gens[i], runs[i] = g, run
+		gens[i], runs[i], ok[i] = g, run, true
 		moved += int(mv)
 	}
+	same = make([]bool, len(l.shards))
 	changed, seen := 0, false
 	for i, sh := range l.shards {
+		if !ok[i] {
+			continue
+		}
 		if prev := sh.runID.Load(); prev == nil || *prev != runs[i] {
 			seen = seen || prev != nil
 			sh.runID.Store(&runs[i])
 			changed++
+		} else {
+			same[i] = true
 		}
 	}
 	if changed > 0 {
@@ -849,10 +872,29 @@ func (r *redisTier) probeNow() error {
 		}
 	}
 	if r.policyErr != nil {
-		return r.policyErr
+		return nil, r.policyErr
 	}
 	r.adoptGens(l, gens)
-	return nil
+	if firstErr != nil {
+		return same, fmt.Errorf("redis probe: %w", firstErr)
+	}
+	return same, nil
+}
+
+// parseProbe reads probeScript's answer.
+func parseProbe(rr rueidis.RedisResult) (gen int64, run string, moved int64, err error) {
+	vals, err := rr.ToArray()
+	if err != nil {
+		return 0, "", 0, err
+	}
+	if len(vals) != 3 {
+		return 0, "", 0, fmt.Errorf("%d values", len(vals))
+	}
+	gs, err1 := vals[0].ToString()
+	run, err2 := vals[1].ToString()
+	moved, err3 := vals[2].AsInt64()
+	gen, err4 := strconv.ParseInt(gs, 10, 64)
+	return gen, run, moved, errors.Join(err1, err2, err3, err4)
 }
 
 // probeTTL keeps the probe key from lingering after the last instance stops.
@@ -941,9 +983,12 @@ func (r *redisTier) refreshGate() {
 // applyPending applies the remembered invalidations, or, if there were too
 // many to remember, moves every instance to a new, empty key generation.
 // Each round trip has its own deadline; ctx only ends the whole.
-func (r *redisTier) applyPending(ctx context.Context) error {
+//
+// With only set, just the ids of the groups it marks are applied (see
+// recover), and nothing is moved.
+func (r *redisTier) applyPending(ctx context.Context, only []bool) error {
 	c := r.client()
-	if r.overflowed.Load() {
+	if r.overflowed.Load() && only == nil {
 		if err := r.moveGeneration(ctx); err != nil {
 			return err
 		}
@@ -966,25 +1011,32 @@ func (r *redisTier) applyPending(ctx context.Context) error {
 	}
 	execs := make([]rueidis.LuaExec, 0, len(snap))
 	ids := make([]int64, 0, len(snap))
+	l := r.lay.Load()
 	for id, v := range snap {
+		if only != nil && !only[l.groupOf(id)] {
+			continue
+		}
 		execs = append(execs, rueidis.LuaExec{Keys: []string{r.key(id)}, Args: r.invalidateArgs(id, v)})
 		ids = append(ids, id)
 	}
 	// In chunks, each with its own deadline, so a large backlog drains
 	// step by step instead of timing out as a whole.
 	const chunk = 512
+	var errs error
 	for lo := 0; lo < len(execs); lo += chunk {
 		hi := min(lo+chunk, len(execs))
 		cctx, cancel := context.WithTimeout(ctx, 4*r.timeout)
 		res := r.inval.execMulti(cctx, c, execs[lo:hi])
 		cancel()
 		var firstErr error
+		failed := 0
 		r.pmu.Lock()
 		for i, rr := range res {
 			if err := rr.Error(); err != nil {
 				if firstErr == nil {
 					firstErr = err
 				}
+				failed++
 				continue
 			}
 			r.s.m.invSent.Inc()
@@ -995,9 +1047,15 @@ func (r *redisTier) applyPending(ctx context.Context) error {
 		}
 		r.npending.Store(int64(len(r.pending)))
 		r.pmu.Unlock()
-		if firstErr != nil {
+		if failed == len(res) {
 			return fmt.Errorf("redis apply invalidations: %w", firstErr)
 		}
+		// In a cluster some shards may take them while one is down:
+		// go on with the rest, and report the failure at the end.
+		errs = errors.Join(errs, firstErr)
+	}
+	if errs != nil {
+		return fmt.Errorf("redis apply invalidations: %w", errs)
 	}
 	return nil
 }

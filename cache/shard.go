@@ -91,11 +91,14 @@ func newLayout(prefix string, cluster, tiered bool) *layout {
 	return l
 }
 
-func (l *layout) shardOf(id int64) *shard {
+func (l *layout) shardOf(id int64) *shard { return l.shards[l.groupOf(id)] }
+
+// groupOf is the index of id's group.
+func (l *layout) groupOf(id int64) int {
 	if len(l.shards) == 1 {
-		return l.shards[0]
+		return 0
 	}
-	return l.shards[uint64(id)%uint64(len(l.shards))]
+	return int(uint64(id) % uint64(len(l.shards)))
 }
 
 // shardTag is group i's hash tag: "s<i>.<n>" with the smallest n whose
