@@ -83,6 +83,27 @@ func TestRedisClusterTiered(t *testing.T) {
 		checkTiers(t, a, db, id)
 		checkTiers(t, b, db, id)
 	}
+	// One seed is enough: the client finds the cluster behind it. And the
+	// redis mode (no local tier, so no notices to hear or send; it is not
+	// meant to be mixed with tiered writers) reads the same keys.
+	one := newCache(t, db, fastTiered("redis://"+rc.Nodes[1].Addr(), prefix))
+	rcfg := fastTiered(rc.URL(), prefix)
+	rcfg.Mode = ModeRedis
+	rm := newCache(t, db, rcfg)
+	eventually(t, 10*time.Second, "one-seed and redis-mode instances healthy", func() bool {
+		return healthy(one) && redisUsable(rm)
+	})
+	if !one.redis.lay.Load().cluster || !rm.redis.lay.Load().cluster {
+		t.Fatal("an instance given one seed, or in redis mode, does not use the cluster layout")
+	}
+	serves(t, one, ids, want, 2*time.Second, "the one-seed instance")
+	serves(t, rm, ids, want, 2*time.Second, "the redis-mode instance")
+	for _, id := range ids[:8] {
+		want[id] = rename(t, one, id, "Again").Version
+	}
+	serves(t, b, ids, want, 2*time.Second, "B, after the one-seed instance wrote")
+	serves(t, rm, ids, want, 2*time.Second, "the redis-mode instance, after the one-seed instance wrote")
+
 	// Starting every tier afresh (a lost change-stream position, too many
 	// invalidations missed) moves every group, and the other instance
 	// follows through every group's channel.
