@@ -309,3 +309,80 @@ func TestRedisSentinelFailover(t *testing.T) {
 		}
 	}
 }
+
+// TestRedisClusterManualFailover: a graceful failover (CLUSTER FAILOVER on
+// a replica) closes no connection: the old master stays up as a replica,
+// answers MOVED and unsubscribes the shard channels of its slots. The
+// instances follow it, move the failed-over master's groups (only they)
+// to a new generation, and writes on one still reach the other.
+func TestRedisClusterManualFailover(t *testing.T) {
+	rc := testenv.StartRedisCluster(t, 0, 3, 1)
+	db := newSQLite(t)
+	ids := createUsers(t, db, "mf", 64)
+	prefix := testPrefix()
+	a := newCache(t, db, fastTiered(rc.URL(), prefix))
+	b := newCache(t, db, fastTiered(rc.URL(), prefix))
+	eventually(t, 10*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	for _, id := range ids {
+		version(t, a, id)
+		version(t, b, id)
+	}
+	gens := func(c *Store) []int64 {
+		var g []int64
+		for _, sh := range c.redis.shards() {
+			g = append(g, sh.gen.Load())
+		}
+		return g
+	}
+	before := gens(a)
+	master := rc.MasterOf(t, "x{"+shardTag(0, clusterShards)+"}")
+	var groups []int
+	for i := range clusterShards {
+		if rc.MasterOf(t, "x{"+shardTag(i, clusterShards)+"}") == master {
+			groups = append(groups, i)
+		}
+	}
+	replica := rc.ReplicaOf(t, master)
+	if _, err := replica.Do("CLUSTER", "FAILOVER"); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if role, _ := replica.Do("INFO", "replication"); strings.Contains(role, "role:master") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the replica was not promoted within 20s")
+		}
+	}
+	eventually(t, 10*time.Second, "every instance on the new master's generations, healthy", func() bool {
+		for _, c := range []*Store{a, b} {
+			g := gens(c)
+			for _, i := range groups {
+				if g[i] == before[i] {
+					return false
+				}
+			}
+			if !healthy(c) {
+				return false
+			}
+		}
+		return true
+	})
+	for _, c := range []*Store{a, b} {
+		g := gens(c)
+		for i := range g {
+			if !slices.Contains(groups, i) && g[i] != before[i] {
+				t.Errorf("group %d, not on the failed-over master, moved generation", i)
+			}
+		}
+	}
+	want := map[int64]int64{}
+	for _, id := range ids {
+		want[id] = rename(t, a, id, "After").Version
+	}
+	serves(t, b, ids, want, 2*time.Second, "B")
+	for _, id := range ids {
+		checkTiers(t, a, db, id)
+		checkTiers(t, b, db, id)
+	}
+}

@@ -246,6 +246,32 @@ func (rc *RedisCluster) WaitFailover(tb testing.TB, killed *Node, d time.Duratio
 	rc.WaitHealthy(tb, time.Until(deadline))
 }
 
+// ReplicaOf returns a running replica of master.
+func (rc *RedisCluster) ReplicaOf(tb testing.TB, master *Node) *Node {
+	tb.Helper()
+	id, err := master.Do("CLUSTER", "MYID")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for _, n := range rc.Nodes {
+		if n.cmd == nil || n == master {
+			continue
+		}
+		info, err := n.Do("CLUSTER", "NODES")
+		if err != nil {
+			continue
+		}
+		for line := range strings.Lines(info) {
+			f := strings.Fields(line)
+			if len(f) > 3 && strings.Contains(f[2], "myself") && strings.Contains(f[2], "slave") && f[3] == id {
+				return n
+			}
+		}
+	}
+	tb.Fatalf("no replica of %d", master.Port)
+	return nil
+}
+
 // MasterOf returns the running node that is the master of key's slot.
 func (rc *RedisCluster) MasterOf(tb testing.TB, key string) *Node {
 	tb.Helper()
