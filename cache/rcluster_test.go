@@ -15,8 +15,8 @@ import (
 // and a master killed under load, with the coherence checks of
 // TestCoherence.
 
-// Ports (see testenv): the cluster tests use 7100-7105, the Sentinel test
-// 7110-7111 and 26400-26402.
+// Ports (see testenv): the cluster tests use 7100-7105, the Sentinel tests
+// 7110-7113 and 26400-26405.
 
 // TestShardTags: the groups' hash tags put them in distinct, evenly spread
 // slots, and crc16 is Redis's (the slots CLUSTER KEYSLOT gives for the
@@ -376,6 +376,58 @@ func TestRedisClusterManualFailover(t *testing.T) {
 			}
 		}
 	}
+	want := map[int64]int64{}
+	for _, id := range ids {
+		want[id] = rename(t, a, id, "After").Version
+	}
+	serves(t, b, ids, want, 2*time.Second, "B")
+	for _, id := range ids {
+		checkTiers(t, a, db, id)
+		checkTiers(t, b, db, id)
+	}
+}
+
+// TestRedisSentinelManualFailover: a graceful SENTINEL FAILOVER leaves the
+// old master up, as a replica: no connection closes, and the instances
+// must follow the sentinels' announcement (or find the demoted master
+// refusing writes), move to a new generation on the new master, and keep
+// writes on one reaching the other.
+func TestRedisSentinelManualFailover(t *testing.T) {
+	ss := testenv.StartSentinelSet(t, "userapi-mf", 12, 1, 3, 3)
+	db := newSQLite(t)
+	ids := createUsers(t, db, "smf", 16)
+	prefix := testPrefix()
+	a := newCache(t, db, fastTiered(ss.URL(), prefix))
+	b := newCache(t, db, fastTiered(ss.URL(), prefix))
+	eventually(t, 10*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	for _, id := range ids {
+		version(t, a, id)
+		version(t, b, id)
+	}
+	before := a.redis.shards()[0].gen.Load()
+	if _, err := ss.Sentinels[0].Do("SENTINEL", "FAILOVER", ss.Name); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(20 * time.Second); ss.Master(t) != ss.Servers[1].Port; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the sentinels did not promote the replica within 20s")
+		}
+	}
+	info, err := ss.Servers[1].Do("INFO", "server")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, run, _ := strings.Cut(info, "run_id:")
+	run = strings.TrimSpace(run[:strings.IndexByte(run, '\n')])
+	eventually(t, 10*time.Second, "every instance on the new master, healthy", func() bool {
+		for _, c := range []*Store{a, b} {
+			sh := c.redis.shards()[0]
+			if got := sh.runID.Load(); got == nil || *got != run || sh.gen.Load() == before || !healthy(c) {
+				return false
+			}
+		}
+		return true
+	})
 	want := map[int64]int64{}
 	for _, id := range ids {
 		want[id] = rename(t, a, id, "After").Version
