@@ -32,6 +32,7 @@ import (
 
 	"userapi"
 	"userapi/internal/panics"
+	"userapi/internal/redisurl"
 )
 
 // Mode selects the cache tiers.
@@ -123,7 +124,10 @@ type Config struct {
 	// fills (see DefaultTombstoneTTL).
 	TombstoneTTL time.Duration
 
-	// RedisURL ("redis://host:port/db") is used when Redis is nil and the
+	// RedisURL ("redis://host:port/db", a cluster's seeds
+	// "redis://h1:p1,h2:p2", or a Sentinel set
+	// "redis-sentinel://s1:p1,s2:p2/master"; see internal/redisurl) is
+	// used when Redis is nil and the
 	// mode needs Redis. The client made from it is closed by Close.
 	RedisURL string
 	// Redis is a client to use instead of RedisURL (tests inject one). It
@@ -309,22 +313,16 @@ func New(ctx context.Context, store userapi.Store, cfg Config) (*Store, error) {
 				s.cancel()
 				return nil, fmt.Errorf("new cache: mode %s needs a Redis URL", cfg.Mode)
 			}
-			o, err := rueidis.ParseURL(cfg.RedisURL)
+			o, err := redisurl.Parse(cfg.RedisURL)
 			if err != nil {
 				s.cancel()
 				return nil, fmt.Errorf("new cache: redis url: %w", err)
 			}
 			// No server-assisted client cache on this client (the local
 			// tier is ours), so no tracking; no retries: we fail open
-			// instead of waiting.
-			o.DisableCache = true
-			o.DisableRetry = true
-			// A dial slower than this means Redis is not there; each call
-			// is bounded by RedisTimeout anyway.
-			o.Dialer.Timeout = time.Second
-			// Ping and drop a connection that has not answered for a
-			// second, so a stalled Redis is noticed without TCP keepalive.
-			o.ConnWriteTimeout = time.Second
+			// instead of waiting; short dial and write deadlines, so a
+			// stalled Redis is noticed without TCP keepalive.
+			redisurl.Prepare(&o)
 			opt = &o
 		}
 		s.redis = newRedisTier(s, cfg.Redis, opt)

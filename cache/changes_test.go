@@ -424,14 +424,14 @@ func testPositionLost(t *testing.T, fd feedDB) {
 		version(t, b, id)
 		version(t, b, id)
 	}
-	gen := b.redis.gen.Load()
+	gen := b.redis.shards()[0].gen.Load()
 	fd.lose(t)
 	want := map[int64]int64{}
 	for _, id := range ids {
 		want[id] = fd.update(t, id, "NoPosition")
 	}
 	eventually(t, 5*time.Second, "a new position and a new generation", func() bool {
-		return value(a.m.changesMissed) == 2 && b.redis.gen.Load() != gen
+		return value(a.m.changesMissed) == 2 && b.redis.shards()[0].gen.Load() != gen
 	})
 	serves(t, b, ids, want, time.Second, "B")
 }

@@ -48,6 +48,44 @@ type coherenceOp struct {
 //	(c) afterwards every cached entry in every tier equals its database row.
 func TestCoherence(t *testing.T) {
 	srv := startRedis(t)
+	runCoherence(t, coherenceRun{
+		url: srv.URL(), keys: 4, run: 3 * time.Second, window: coherenceWindow,
+		fault: func(start time.Time, run time.Duration) {
+			time.Sleep(run * 3 / 10)
+			srv.Stop()
+			t.Logf("Redis stopped at %v", time.Since(start).Round(time.Millisecond))
+			time.Sleep(run * 3 / 10)
+			srv.Start()
+			t.Logf("Redis restarted at %v", time.Since(start).Round(time.Millisecond))
+		},
+	})
+}
+
+// coherenceRun is one run of the coherence check (see TestCoherence).
+type coherenceRun struct {
+	url  string // Redis
+	keys int
+	run  time.Duration
+	// window is the staleness allowed a read on an instance other than
+	// the writer's.
+	window time.Duration
+	// fault runs while the clients do, from the load's start.
+	fault func(start time.Time, run time.Duration)
+	// keysCreated, when set, is called with the keys' ids before the load,
+	// and ready with the instances once they are healthy.
+	keysCreated func(ids []int64)
+	ready       func(instances []*Store)
+	// pause is added to every client's pause between operations, so that
+	// a long run stays within the operations the checker is given.
+	pause time.Duration
+	// outage, when set, is the span the fault sets as Redis's outage (from
+	// the kill until it is whole again): the run must have read and written
+	// during it, else it proved nothing.
+	outage *[2]time.Time
+}
+
+func runCoherence(t *testing.T, cr coherenceRun) {
+	coherenceWindow := cr.window
 	// On a PostgreSQL with logical replication the instances follow its
 	// change stream, and one more client writes straight into the
 	// database, as psql would, bypassing every instance.
@@ -64,14 +102,16 @@ func TestCoherence(t *testing.T) {
 	}
 	const (
 		nInstances = 3
-		nKeys      = 4
 		nClients   = 6
-		run        = 3 * time.Second
 		maxOps     = 2000 // per client, to bound the checker's work
 	)
+	nKeys, run := cr.keys, cr.run
 	var keys []int64
 	for i := range nKeys {
 		keys = append(keys, mustCreate(t, db, fmt.Sprintf("k%d@example.com", i)).ID)
+	}
+	if cr.keysCreated != nil {
+		cr.keysCreated(keys)
 	}
 
 	// Notice arrivals per instance: (key, version) → time.
@@ -82,7 +122,7 @@ func TestCoherence(t *testing.T) {
 	instances := make([]*Store, nInstances)
 	for i := range instances {
 		arrivals[i] = map[kv]time.Time{}
-		cfg := fastTiered(srv.URL(), prefix)
+		cfg := fastTiered(cr.url, prefix)
 		cfg.Changes = feed
 		cfg.onNotice = func(id, v int64, at time.Time) {
 			nmu.Lock()
@@ -101,6 +141,9 @@ func TestCoherence(t *testing.T) {
 		}
 		return true
 	})
+	if cr.ready != nil {
+		cr.ready(instances)
+	}
 
 	var hmu sync.Mutex
 	var history []coherenceOp
@@ -141,7 +184,7 @@ func TestCoherence(t *testing.T) {
 				}
 				op.ret = time.Now()
 				ops = append(ops, op)
-				time.Sleep(time.Duration(200+rng.IntN(400)) * time.Microsecond)
+				time.Sleep(time.Duration(200+rng.IntN(400))*time.Microsecond + cr.pause)
 				if outside {
 					time.Sleep(5 * time.Millisecond) // about as many writes as one client through the instances
 				}
@@ -151,12 +194,7 @@ func TestCoherence(t *testing.T) {
 			hmu.Unlock()
 		})
 	}
-	time.Sleep(run * 3 / 10)
-	srv.Stop()
-	t.Logf("Redis stopped at %v", time.Since(start).Round(time.Millisecond))
-	time.Sleep(run * 3 / 10)
-	srv.Start()
-	t.Logf("Redis restarted at %v", time.Since(start).Round(time.Millisecond))
+	cr.fault(start, run)
 	wg.Wait()
 	if t.Failed() {
 		return
@@ -179,6 +217,22 @@ func TestCoherence(t *testing.T) {
 		}
 	}
 	t.Logf("%d operations (%d writes) by %d clients on %d instances (outside writes: %v)", len(history), nw, clients, nInstances, feed != nil)
+	if cr.outage != nil {
+		var reads, writes int
+		for _, op := range history {
+			if op.call.After(cr.outage[0]) && op.ret.Before(cr.outage[1]) {
+				if op.write {
+					writes++
+				} else {
+					reads++
+				}
+			}
+		}
+		t.Logf("during the outage (%v): %d reads, %d writes, none failed", cr.outage[1].Sub(cr.outage[0]).Round(time.Millisecond), reads, writes)
+		if reads == 0 || writes == 0 {
+			t.Errorf("no reads or no writes during the outage")
+		}
+	}
 
 	// (a) and the staleness of (b).
 	var stale []time.Duration
@@ -256,7 +310,8 @@ func TestCoherence(t *testing.T) {
 	}
 
 	// (c) every tier equals the database, once Redis is back in use.
-	eventually(t, 5*time.Second, "instances healthy", func() bool {
+	ended := time.Now()
+	eventually(t, 10*time.Second, "instances healthy", func() bool {
 		for _, s := range instances {
 			if !healthy(s) {
 				return false
@@ -264,6 +319,7 @@ func TestCoherence(t *testing.T) {
 		}
 		return true
 	})
+	t.Logf("(c) every instance healthy %v after the load ended", time.Since(ended).Round(time.Millisecond))
 	for _, s := range instances {
 		for _, k := range keys {
 			version(t, s, k) // fill every tier

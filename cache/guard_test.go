@@ -18,7 +18,7 @@ func TestGuardRulesAgree(t *testing.T) {
 	url := needRedis(t)
 	db := newSQLite(t)
 	c := newCache(t, db, Config{Mode: ModeTiered, RedisURL: url, KeyPrefix: testPrefix()})
-	eventually(t, 5*time.Second, "redis usable", func() bool { return c.redis.usable() && c.redis.runID.Load() != nil })
+	eventually(t, 5*time.Second, "redis usable", func() bool { return c.redis.usable() && c.redis.shards()[0].runID.Load() != nil })
 	r := c.redis
 
 	val := func(v int64) *entry {
@@ -47,9 +47,9 @@ func TestGuardRulesAgree(t *testing.T) {
 				return verdict[l.fill(id, e, st)]
 			},
 			redis: func(key string) string {
-				f := fillCall{keys: []string{r.runKey}, args: []string{*r.runID.Load()}}
+				f := fillCall{keys: []string{r.shards()[0].runKey}, args: []string{*r.shards()[0].runID.Load()}}
 				f.add(key, e)
-				vals, err := r.fillLua.Exec(testenv.Context(t), r.client(), f.keys, f.args).AsIntSlice()
+				vals, err := r.fillLua.exec(testenv.Context(t), r.client(), f.keys, f.args).AsIntSlice()
 				if err != nil || len(vals) != 1 {
 					t.Fatalf("%s: %v, %v", name, vals, err)
 				}
@@ -65,7 +65,7 @@ func TestGuardRulesAgree(t *testing.T) {
 				return ""
 			},
 			redis: func(key string) string {
-				if err := r.inval.Exec(testenv.Context(t), r.client(), []string{key}, []string{fmt.Sprint(v), "60000", "", ""}).Error(); err != nil {
+				if err := r.inval.exec(testenv.Context(t), r.client(), []string{key}, []string{fmt.Sprint(v), "60000", "", ""}).Error(); err != nil {
 					t.Fatalf("%s: %v", name, err)
 				}
 				return ""
@@ -84,7 +84,7 @@ func TestGuardRulesAgree(t *testing.T) {
 				return ""
 			},
 			redis: func(key string) string {
-				if err := r.intent.Exec(testenv.Context(t), r.client(), []string{key}, []string{"60000", "", ""}).Error(); err != nil {
+				if err := r.intent.exec(testenv.Context(t), r.client(), []string{key}, []string{"60000", "", ""}).Error(); err != nil {
 					t.Fatalf("intent: %v", err)
 				}
 				return ""

@@ -3,11 +3,10 @@ package cache
 import (
 	"bytes"
 	"context"
-	"crypto/sha1"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -80,7 +79,8 @@ return res
 // Over an intent it installs the tombstone at the higher of the two
 // versions, and a release (version 0) does nothing else.
 // KEYS[1] key; ARGV[1] the tombstone's version; ARGV[2] TTL in ms; ARGV[3]
-// the channel (empty for none); ARGV[4] the notice.
+// the channel (empty for none); ARGV[4] the notice; ARGV[5] PUBLISH, or
+// SPUBLISH in a cluster (the channel is in the key's slot).
 // Returns 1 installed, 0 kept.
 const invalidateScript = `
 local cur = redis.call('GET', KEYS[1])
@@ -99,14 +99,14 @@ elseif v == '0' then
   set = 0
 end
 if set == 1 then redis.call('SET', KEYS[1], 't' .. v .. '|', 'PX', ARGV[2]) end
-if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
+if ARGV[3] ~= '' then redis.call(ARGV[5], ARGV[3], ARGV[4]) end
 return set
 `
 
 // intentScript installs a write's intent, carrying the version of what it
 // replaces, and publishes the notice.
 // KEYS[1] key; ARGV[1] TTL in ms; ARGV[2] the channel (empty for none);
-// ARGV[3] the notice.
+// ARGV[3] the notice; ARGV[4] PUBLISH or SPUBLISH.
 const intentScript = `
 local cur = redis.call('GET', KEYS[1])
 local v = '0'
@@ -114,7 +114,7 @@ if cur and string.sub(cur, 1, 1) ~= 'n' then
   v = string.sub(cur, 2, string.find(cur, '|', 2, true) - 1)
 end
 redis.call('SET', KEYS[1], 'w' .. v .. '|', 'PX', ARGV[1])
-if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+if ARGV[2] ~= '' then redis.call(ARGV[4], ARGV[2], ARGV[3]) end
 return 1
 `
 
@@ -148,11 +148,11 @@ return {string.format('%d', g), run, moved}
 
 // newGenScript moves to a new key generation (see probeScript) and tells
 // the instances. KEYS[1] the generation; ARGV[1] a fresh generation;
-// ARGV[2] the channel (empty for none).
+// ARGV[2] the channel (empty for none); ARGV[3] PUBLISH or SPUBLISH.
 const newGenScript = `
 local g = math.max(tonumber(ARGV[1]), tonumber(redis.call('GET', KEYS[1]) or '0') + 1)
 redis.call('SET', KEYS[1], string.format('%d', g))
-if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], 'g:' .. string.format('%d', g)) end
+if ARGV[2] ~= '' then redis.call(ARGV[3], ARGV[2], 'g:' .. string.format('%d', g)) end
 return string.format('%d', g)
 `
 
@@ -169,21 +169,15 @@ type redisTier struct {
 	box     atomic.Pointer[clientBox]
 	timeout time.Duration
 
-	channel string // notices; "" in redis mode (no local tiers to notify)
-	genKey  string
-	runKey  string // the run id of the Redis the generation belongs to
-	probeK  string
-	gen     atomic.Int64
-	keys    atomic.Pointer[string] // key prefix of the current generation
-	nonce   string                 // tells our heartbeats from others'
+	tiered bool                   // notices go to local tiers
+	lay    atomic.Pointer[layout] // set before the tier is first usable (see shard.go)
+	nonce  string                 // tells our heartbeats from others'
 
-	fillLua, inval, intent, probe, newGen *rueidis.Lua
-	fillSHA                               string
-	runID                                 atomic.Pointer[string] // Redis's run id at the last probe
-	policyErr                             error                  // probeNow's own: runID's eviction policy is unsafe
-	probeMu                               sync.Mutex             // one probe at a time
-	subscribed                            atomic.Bool            // the notice channel is subscribed and heard
-	gateMu                                sync.Mutex             // orders refreshGate's transitions
+	fillLua, inval, intent, probe, newGen script
+	policyErr                             error       // probeNow's own: a run id's eviction policy is unsafe
+	probeMu                               sync.Mutex  // one probe at a time
+	subscribed                            atomic.Bool // the notice channel is subscribed and heard
+	gateMu                                sync.Mutex  // orders refreshGate's transitions
 
 	cb circuitbreaker.CircuitBreaker[any]
 	// health goes up by one at every change of usability and is odd while
@@ -202,8 +196,7 @@ type redisTier struct {
 
 	fills chan fillJob // the loader's fills, for filler
 
-	beat     chan struct{} // our own heartbeat came back
-	lastBeat atomic.Int64  // unix nanoseconds
+	beat chan struct{} // our own heartbeat came back (one server)
 
 	dialWarned bool // recover's own: the first failed connection was logged
 }
@@ -219,27 +212,21 @@ func newRedisTier(s *Store, client rueidis.Client, opt *rueidis.ClientOption) *r
 		s:       s,
 		opt:     opt,
 		timeout: s.cfg.RedisTimeout,
-		genKey:  p + "gen",
-		runKey:  p + "run",
-		probeK:  p + "probe",
+		tiered:  s.cfg.Mode == ModeTiered,
 		nonce:   strconv.FormatUint(rand.Uint64(), 36),
-		fillLua: rueidis.NewLuaScript(fillScript),
-		inval:   rueidis.NewLuaScript(invalidateScript),
-		intent:  rueidis.NewLuaScript(intentScript),
-		probe:   rueidis.NewLuaScript(probeScript),
-		newGen:  rueidis.NewLuaScript(newGenScript),
+		fillLua: newScript(fillScript),
+		inval:   newScript(invalidateScript),
+		intent:  newScript(intentScript),
+		probe:   newScript(probeScript),
+		newGen:  newScript(newGenScript),
 		pending: make(map[int64]int64),
 		wake:    make(chan struct{}, 1),
 		beat:    make(chan struct{}, 1),
 		fills:   make(chan fillJob, fillQueueLen),
 	}
-	sum := sha1.Sum([]byte(fillScript))
-	r.fillSHA = hex.EncodeToString(sum[:])
-	if s.cfg.Mode == ModeTiered {
-		r.channel = p + "notices"
-	}
-	r.setGen(0)
+	r.lay.Store(newLayout(p, false, r.tiered))
 	if client != nil {
+		r.useLayoutOf(client)
 		r.box.Store(&clientBox{c: client})
 	}
 	// Five failures among the last ten calls: one timeout is noise, half
@@ -274,7 +261,7 @@ func (r *redisTier) start() {
 	r.recover()
 	r.s.wg.Go(panics.Loop(r.s.ctx, r.s.log, "cache_redis_probe", r.maintain))
 	r.s.wg.Go(panics.Loop(r.s.ctx, r.s.log, "cache_redis_filler", r.filler))
-	if r.channel == "" {
+	if !r.tiered {
 		return
 	}
 	r.s.wg.Go(panics.Loop(r.s.ctx, r.s.log, "cache_notice_channel", r.subscribeLoop))
@@ -299,15 +286,25 @@ func (r *redisTier) client() rueidis.Client {
 	return nil
 }
 
-func (r *redisTier) setGen(g int64) {
-	r.gen.Store(g)
-	k := r.s.cfg.KeyPrefix + "u:" + strconv.FormatInt(g, 10) + ":"
-	r.keys.Store(&k)
+// useLayoutOf picks the key layout for client, before the tier is first
+// used: a cluster's when rueidis found a cluster behind the address (one
+// seed of a cluster is enough), else one group with the keys of a single
+// server.
+func (r *redisTier) useLayoutOf(c rueidis.Client) {
+	cluster := c.Mode() == rueidis.ClientModeCluster
+	if r.lay.Load().cluster == cluster {
+		return
+	}
+	if cluster && hasHashTag(r.s.cfg.KeyPrefix) {
+		r.s.log.Warn("redis cluster: the key prefix holds a hash tag, so every key of the cache is in one slot", "prefix", r.s.cfg.KeyPrefix)
+	}
+	r.lay.Store(newLayout(r.s.cfg.KeyPrefix, cluster, r.tiered))
 }
 
-func (r *redisTier) key(id int64) string {
-	return *r.keys.Load() + strconv.FormatInt(id, 10)
-}
+// shards is the layout's groups; one unless Redis is a cluster.
+func (r *redisTier) shards() []*shard { return r.lay.Load().shards }
+
+func (r *redisTier) key(id int64) string { return r.lay.Load().shardOf(id).key(id) }
 
 // readable reports whether id may be read from (or filled into) Redis: the
 // tier is healthy and no invalidation of id is waiting to be applied.
@@ -483,49 +480,50 @@ func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry, hea
 		m.fillRedisSkipped.Add(float64(len(ids)))
 		return
 	}
-	run := r.runID.Load()
-	if run == nil {
-		m.fillRedisSkipped.Add(float64(len(ids)))
-		return
-	}
-	var calls []fillCall
-	var call fillCall
+	// One call per group (a cluster's scripts name keys of one slot), of
+	// at most fillChunk keys; on one server a single group.
+	l := r.lay.Load()
+	open := make([]fillCall, len(l.shards))
+	var calls []rueidis.LuaExec
 	for i, id := range ids {
 		if !r.readable(id) {
 			m.fillRedisSkipped.Inc()
 			continue
 		}
+		gi := l.groupOf(id)
+		sh := l.shards[gi]
+		call := &open[gi]
 		if len(call.keys) == 0 {
-			call = fillCall{keys: []string{r.runKey}, args: []string{*run}}
+			run := sh.runID.Load()
+			if run == nil {
+				m.fillRedisSkipped.Inc()
+				continue
+			}
+			*call = fillCall{keys: []string{sh.runKey}, args: []string{*run}}
 		}
-		call.add(r.key(id), entries[i])
+		call.add(sh.key(id), entries[i])
 		if len(call.keys) > fillChunk {
-			calls = append(calls, call)
-			call = fillCall{}
+			calls = append(calls, rueidis.LuaExec{Keys: call.keys, Args: call.args})
+			*call = fillCall{}
 		}
 	}
-	if len(call.keys) > 0 {
-		calls = append(calls, call)
+	for _, call := range open {
+		if len(call.keys) > 0 {
+			calls = append(calls, rueidis.LuaExec{Keys: call.keys, Args: call.args})
+		}
 	}
 	if len(calls) == 0 {
 		return
 	}
 	c := r.client()
-	cmds := make(rueidis.Commands, len(calls))
-	for i, f := range calls {
-		cmds[i] = c.B().Evalsha().Sha1(r.fillSHA).Numkeys(int64(len(f.keys))).Key(f.keys...).Arg(f.args...).Build()
-	}
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	defer cancel()
-	res := c.DoMulti(ctx, cmds...)
+	// A Redis that restarted lost the script: execMulti loads it.
+	res := r.fillLua.execMulti(ctx, c, calls)
 	var failure error // one failed round trip is one failure for the breaker
 	for i, rr := range res {
 		vals, err := rr.ToArray()
-		if re, ok := rueidis.IsRedisErr(err); ok && re.IsNoScript() {
-			// Redis restarted and lost the script: Exec loads it.
-			vals, err = r.fillLua.Exec(ctx, c, calls[i].keys, calls[i].args).ToArray()
-		}
-		n := len(calls[i].keys) - 1
+		n := len(calls[i].Keys) - 1
 		if err == nil && len(vals) != n {
 			err = fmt.Errorf("redis fill: %d results for %d keys", len(vals), n)
 		}
@@ -656,7 +654,7 @@ func (r *redisTier) invalidate(ctx context.Context, id, version int64) {
 	}
 	c := r.client()
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
-	err := r.inval.Exec(ctx, c, []string{r.key(id)}, r.invalidateArgs(id, version)).Error()
+	err := r.inval.exec(ctx, c, []string{r.key(id)}, r.invalidateArgs(id, version)).Error()
 	cancel()
 	if err != nil {
 		r.s.m.invFailed.Inc()
@@ -681,8 +679,9 @@ func (r *redisTier) invalidate(ctx context.Context, id, version int64) {
 
 func (r *redisTier) invalidateArgs(id, version int64) []string {
 	v := strconv.FormatInt(version, 10)
+	l := r.lay.Load()
 	return []string{v, strconv.FormatInt(r.s.cfg.TombstoneTTL.Milliseconds(), 10),
-		r.channel, "i:" + strconv.FormatInt(id, 10) + ":" + v}
+		l.shardOf(id).channel, "i:" + strconv.FormatInt(id, 10) + ":" + v, l.publish}
 }
 
 // intend installs a write's intent for id and notifies the other
@@ -694,9 +693,11 @@ func (r *redisTier) intend(ctx context.Context, id int64) {
 	}
 	c := r.client()
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
-	err := r.intent.Exec(ctx, c, []string{r.key(id)}, []string{
+	l := r.lay.Load()
+	sh := l.shardOf(id)
+	err := r.intent.exec(ctx, c, []string{sh.key(id)}, []string{
 		strconv.FormatInt(r.s.cfg.TombstoneTTL.Milliseconds(), 10),
-		r.channel, "w:" + strconv.FormatInt(id, 10),
+		sh.channel, "w:" + strconv.FormatInt(id, 10), l.publish,
 	}).Error()
 	cancel()
 	if err != nil {
@@ -755,9 +756,11 @@ func (r *redisTier) recover() {
 			}
 			return
 		}
+		r.useLayoutOf(c)
 		r.box.Store(&clientBox{c: c, own: true})
 	}
-	if err := r.probeNow(); err != nil {
+	same, err := r.probeGroups()
+	if err != nil {
 		if r.s.ctx.Err() != nil {
 			return
 		}
@@ -766,12 +769,25 @@ func (r *redisTier) recover() {
 			r.s.log.Warn("redis unusable, failing open to the database", "err", err)
 		}
 		r.refreshGate()
+		if slices.Contains(same, true) && r.npending.Load() > 0 && !r.overflowed.Load() {
+			// One shard of a cluster down does not stop the others:
+			// the writes of their ids made meanwhile are applied to
+			// them now, not when the whole cluster is back (an
+			// instance back before this one would read those ids' old
+			// entries there). Only to groups whose probe just passed
+			// on the master of before: a group that failed over is
+			// moving to a new generation, and a tombstone put in the
+			// old one would be lost while its write was forgotten.
+			if err := r.applyPending(r.s.ctx, same); err != nil {
+				r.s.log.Debug("redis: pending invalidations not all applied", "err", err)
+			}
+		}
 		return
 	}
 	if r.usable() && r.npending.Load() == 0 && !r.overflowed.Load() {
 		return
 	}
-	if err := r.applyPending(r.s.ctx); err != nil {
+	if err := r.applyPending(r.s.ctx, nil); err != nil {
 		r.s.log.Debug("redis: pending invalidations not applied yet", "err", err)
 		return
 	}
@@ -782,44 +798,103 @@ func (r *redisTier) recover() {
 	r.refreshGate()
 }
 
-// probeNow runs probeScript, adopts the generation it returns and, for a
-// Redis not seen before (a new run id), checks its eviction policy.
+// probeNow runs probeScript, for each group of the layout (in a cluster,
+// on the master of each group's slot), adopts the generations it returns
+// and, for a Redis not seen before (a new run id), checks its eviction
+// policy. It fails if any group's probe did.
 func (r *redisTier) probeNow() error {
+	_, err := r.probeGroups()
+	return err
+}
+
+// probeGroups is probeNow, and also reports which groups' probes passed
+// on the Redis of the previous probe (same run id, so the generation
+// adopted is the one in use): in a cluster with one shard down, the
+// others'.
+func (r *redisTier) probeGroups() (same []bool, err error) {
 	r.probeMu.Lock()
 	defer r.probeMu.Unlock()
 	c := r.client()
+	l := r.lay.Load()
 	ctx, cancel := context.WithTimeout(r.s.ctx, 4*r.timeout)
 	defer cancel()
-	vals, err := r.probe.Exec(ctx, c, []string{r.runKey, r.genKey, r.probeK},
-		[]string{freshGen(), strconv.FormatInt(probeTTL.Milliseconds(), 10)}).ToArray()
-	if err != nil {
-		return fmt.Errorf("redis probe: %w", err)
-	}
-	if len(vals) != 3 {
-		return fmt.Errorf("redis probe: %d values", len(vals))
-	}
-	gs, err1 := vals[0].ToString()
-	run, err2 := vals[1].ToString()
-	moved, err3 := vals[2].AsInt64()
-	g, err4 := strconv.ParseInt(gs, 10, 64)
-	if err := errors.Join(err1, err2, err3, err4); err != nil {
-		return fmt.Errorf("redis probe: %w", err)
-	}
-	if prev := r.runID.Load(); prev == nil || *prev != run {
-		if prev != nil {
-			r.s.log.Warn("redis restarted, failed over or was restored; its entries are not trusted", "moved_generation", moved == 1)
+	fresh, ttl := freshGen(), strconv.FormatInt(probeTTL.Milliseconds(), 10)
+	var res []rueidis.RedisResult
+	if len(l.shards) == 1 {
+		sh := l.shards[0]
+		res = []rueidis.RedisResult{r.probe.exec(ctx, c, []string{sh.runKey, sh.genKey, sh.probeK}, []string{fresh, ttl})}
+	} else {
+		execs := make([]rueidis.LuaExec, len(l.shards))
+		for i, sh := range l.shards {
+			execs[i] = rueidis.LuaExec{Keys: []string{sh.runKey, sh.genKey, sh.probeK}, Args: []string{fresh, ttl}}
 		}
-		r.runID.Store(&run)
+		res = r.probe.execMulti(ctx, c, execs)
+	}
+	gens := make([]int64, len(l.shards))
+	runs := make([]string, len(l.shards))
+	ok := make([]bool, len(l.shards))
+	moved := 0
+	var firstErr error
+	for i, rr := range res {
+		g, run, mv, err := parseProbe(rr)
+		if err != nil {
+			if firstErr == nil {
+				firstErr = err
+			}
+			gens[i] = l.shards[i].gen.Load() // unchanged
+			continue
+		}
+		gens[i], runs[i], ok[i] = g, run, true
+		moved += int(mv)
+	}
+	same = make([]bool, len(l.shards))
+	changed, seen := 0, false
+	for i, sh := range l.shards {
+		if !ok[i] {
+			continue
+		}
+		if prev := sh.runID.Load(); prev == nil || *prev != runs[i] {
+			seen = seen || prev != nil
+			sh.runID.Store(&runs[i])
+			changed++
+		} else {
+			same[i] = true
+		}
+	}
+	if changed > 0 {
+		if seen {
+			r.s.log.Warn("redis restarted, failed over or was restored; its entries are not trusted",
+				"groups", changed, "moved_generation", moved > 0)
+		}
 		r.policyErr = r.checkPolicy(ctx)
 		if r.policyErr != nil {
 			r.s.log.Error("redis tier not used", "err", r.policyErr)
 		}
 	}
 	if r.policyErr != nil {
-		return r.policyErr
+		return nil, r.policyErr
 	}
-	r.adoptGen(g)
-	return nil
+	r.adoptGens(l, gens)
+	if firstErr != nil {
+		return same, fmt.Errorf("redis probe: %w", firstErr)
+	}
+	return same, nil
+}
+
+// parseProbe reads probeScript's answer.
+func parseProbe(rr rueidis.RedisResult) (gen int64, run string, moved int64, err error) {
+	vals, err := rr.ToArray()
+	if err != nil {
+		return 0, "", 0, err
+	}
+	if len(vals) != 3 {
+		return 0, "", 0, fmt.Errorf("%d values", len(vals))
+	}
+	gs, err1 := vals[0].ToString()
+	run, err2 := vals[1].ToString()
+	moved, err3 := vals[2].AsInt64()
+	gen, err4 := strconv.ParseInt(gs, 10, 64)
+	return gen, run, moved, errors.Join(err1, err2, err3, err4)
 }
 
 // probeTTL keeps the probe key from lingering after the last instance stops.
@@ -833,27 +908,54 @@ func freshGen() string { return strconv.FormatInt(time.Now().UnixMicro(), 10) }
 // intent lets a stale fill in. noeviction (writes fail when memory is full,
 // and the tier then fails open) or no memory limit at all is safe. A Redis
 // that hides CONFIG (a managed service) is used, with a warning.
+//
+// In a cluster every node the client knows of is asked (a replica is a
+// master after its failover).
 func (r *redisTier) checkPolicy(ctx context.Context) error {
 	c := r.client()
-	m, err := c.Do(ctx, c.B().ConfigGet().Parameter("maxmemory", "maxmemory-policy").Build()).AsStrMap()
-	if err != nil {
-		r.s.log.Warn("redis: cannot read the eviction policy; it must be noeviction (see docs/cache.md)", "err", err)
-		return nil
+	nodes := map[string]rueidis.Client{"": c}
+	if r.lay.Load().cluster {
+		nodes = c.Nodes()
 	}
-	if pol := m["maxmemory-policy"]; m["maxmemory"] != "0" && pol != "noeviction" {
-		return fmt.Errorf("redis maxmemory-policy is %s with maxmemory %s: it may evict the tombstones that keep stale rows out; set maxmemory-policy noeviction", pol, m["maxmemory"])
+	for addr, n := range nodes {
+		m, err := n.Do(ctx, n.B().ConfigGet().Parameter("maxmemory", "maxmemory-policy").Build()).AsStrMap()
+		if err != nil {
+			r.s.log.Warn("redis: cannot read the eviction policy; it must be noeviction (see docs/cache.md)", "node", addr, "err", err)
+			continue
+		}
+		if pol := m["maxmemory-policy"]; m["maxmemory"] != "0" && pol != "noeviction" {
+			return fmt.Errorf("redis %smaxmemory-policy is %s with maxmemory %s: it may evict the tombstones that keep stale rows out; set maxmemory-policy noeviction", strings.TrimPrefix(addr+" ", " "), pol, m["maxmemory"])
+		}
 	}
 	return nil
 }
 
-// adoptGen moves to generation g if it is not the current one. Entries
-// were filled under the other generation, whose invalidations this
-// instance may not have seen, and fills under way read before the move.
-func (r *redisTier) adoptGen(g int64) {
-	if g == r.gen.Load() {
+// adoptGens moves each group of l to its generation in gens if it is not
+// the current one. Entries were filled under the other generation, whose
+// invalidations this instance may not have seen, and fills under way read
+// before the move: every fill under way is dropped and the local tier
+// starts afresh (for any group: which ids the local tier holds of each is
+// not worth tracking for so rare an event).
+func (r *redisTier) adoptGens(l *layout, gens []int64) {
+	moved := false
+	for i, sh := range l.shards {
+		if gens[i] != sh.gen.Load() {
+			sh.setGen(gens[i])
+			moved = true
+		}
+	}
+	if moved {
+		r.bumpHealth()
+		r.s.flushLocal()
+	}
+}
+
+// adoptGen moves sh to generation g (a notice's), as adoptGens does.
+func (r *redisTier) adoptGen(sh *shard, g int64) {
+	if g <= sh.gen.Load() {
 		return
 	}
-	r.setGen(g)
+	sh.setGen(g)
 	r.bumpHealth()
 	r.s.flushLocal()
 }
@@ -866,7 +968,7 @@ func (r *redisTier) bumpHealth() { r.health.renew() }
 // subscribed and Redis is usable: without both, invalidations may be
 // missed.
 func (r *redisTier) refreshGate() {
-	if r.channel == "" {
+	if !r.tiered {
 		return
 	}
 	r.gateMu.Lock()
@@ -881,13 +983,16 @@ func (r *redisTier) refreshGate() {
 // applyPending applies the remembered invalidations, or, if there were too
 // many to remember, moves every instance to a new, empty key generation.
 // Each round trip has its own deadline; ctx only ends the whole.
-func (r *redisTier) applyPending(ctx context.Context) error {
+//
+// With only set, just the ids of the groups it marks are applied (see
+// recover), and nothing is moved.
+func (r *redisTier) applyPending(ctx context.Context, only []bool) error {
 	c := r.client()
-	if r.overflowed.Load() {
+	if r.overflowed.Load() && only == nil {
 		if err := r.moveGeneration(ctx); err != nil {
 			return err
 		}
-		r.s.log.Warn("redis: too many invalidations missed, moved to a new key generation", "gen", r.gen.Load())
+		r.s.log.Warn("redis: too many invalidations missed, moved to a new key generation", "gen", r.shards()[0].gen.Load())
 		r.pmu.Lock()
 		clear(r.pending)
 		r.npending.Store(0)
@@ -906,25 +1011,32 @@ func (r *redisTier) applyPending(ctx context.Context) error {
 	}
 	execs := make([]rueidis.LuaExec, 0, len(snap))
 	ids := make([]int64, 0, len(snap))
+	l := r.lay.Load()
 	for id, v := range snap {
+		if only != nil && !only[l.groupOf(id)] {
+			continue
+		}
 		execs = append(execs, rueidis.LuaExec{Keys: []string{r.key(id)}, Args: r.invalidateArgs(id, v)})
 		ids = append(ids, id)
 	}
 	// In chunks, each with its own deadline, so a large backlog drains
 	// step by step instead of timing out as a whole.
 	const chunk = 512
+	var errs error
 	for lo := 0; lo < len(execs); lo += chunk {
 		hi := min(lo+chunk, len(execs))
 		cctx, cancel := context.WithTimeout(ctx, 4*r.timeout)
-		res := r.inval.ExecMulti(cctx, c, execs[lo:hi]...)
+		res := r.inval.execMulti(cctx, c, execs[lo:hi])
 		cancel()
 		var firstErr error
+		failed := 0
 		r.pmu.Lock()
 		for i, rr := range res {
 			if err := rr.Error(); err != nil {
 				if firstErr == nil {
 					firstErr = err
 				}
+				failed++
 				continue
 			}
 			r.s.m.invSent.Inc()
@@ -935,9 +1047,15 @@ func (r *redisTier) applyPending(ctx context.Context) error {
 		}
 		r.npending.Store(int64(len(r.pending)))
 		r.pmu.Unlock()
-		if firstErr != nil {
+		if failed == len(res) {
 			return fmt.Errorf("redis apply invalidations: %w", firstErr)
 		}
+		// In a cluster some shards may take them while one is down:
+		// go on with the rest, and report the failure at the end.
+		errs = errors.Join(errs, firstErr)
+	}
+	if errs != nil {
+		return fmt.Errorf("redis apply invalidations: %w", errs)
 	}
 	return nil
 }
@@ -953,15 +1071,23 @@ func (r *redisTier) moveGeneration(ctx context.Context) error {
 	defer cancel()
 	// The notice is best effort: an instance that misses it reads the
 	// generation at its next probe.
-	gs, err := r.newGen.Exec(ctx, c, []string{r.genKey}, []string{freshGen(), r.channel}).ToString()
-	if err != nil {
-		return fmt.Errorf("redis new generation: %w", err)
+	l := r.lay.Load()
+	fresh := freshGen()
+	execs := make([]rueidis.LuaExec, len(l.shards))
+	for i, sh := range l.shards {
+		execs[i] = rueidis.LuaExec{Keys: []string{sh.genKey}, Args: []string{fresh, sh.channel, l.publish}}
 	}
-	g, err := strconv.ParseInt(gs, 10, 64)
-	if err != nil {
-		return fmt.Errorf("redis new generation: %w", err)
+	gens := make([]int64, len(l.shards))
+	for i, rr := range r.newGen.execMulti(ctx, c, execs) {
+		gs, err := rr.ToString()
+		if err != nil {
+			return fmt.Errorf("redis new generation: %w", err)
+		}
+		if gens[i], err = strconv.ParseInt(gs, 10, 64); err != nil {
+			return fmt.Errorf("redis new generation: %w", err)
+		}
 	}
-	r.adoptGen(g)
+	r.adoptGens(l, gens)
 	return nil
 }
 
@@ -982,7 +1108,7 @@ func (r *redisTier) invalidateMany(ctx context.Context, ids, versions []int64) e
 	const chunk = 512
 	for lo := 0; lo < len(execs); lo += chunk {
 		cctx, cancel := context.WithTimeout(ctx, 4*r.timeout)
-		res := r.inval.ExecMulti(cctx, c, execs[lo:min(lo+chunk, len(execs))]...)
+		res := r.inval.execMulti(cctx, c, execs[lo:min(lo+chunk, len(execs))])
 		cancel()
 		for _, rr := range res {
 			if err := rr.Error(); err != nil {
@@ -1007,7 +1133,13 @@ func (r *redisTier) subscribeLoop() {
 			r.sleep(r.s.cfg.probeInterval)
 			continue
 		}
-		up, err := r.subscribeOnce(c)
+		var up bool
+		var err error
+		if l := r.lay.Load(); l.cluster {
+			up, err = r.subscribeSharded(c, l)
+		} else {
+			up, err = r.subscribeOnce(c, l.shards[0])
+		}
 		r.subscribed.Store(false)
 		wasUp := r.s.state.up()
 		r.refreshGate()
@@ -1043,26 +1175,17 @@ var errChannelStalled = errors.New("own heartbeat not heard back")
 // A panic here, or in handling a notice, ends the subscription with the
 // panic as err: the loop then marks the channel down, as for any break, so
 // the local tier serves nothing that may have missed the lost notice.
-func (r *redisTier) subscribeOnce(c rueidis.Client) (up bool, err error) {
+func (r *redisTier) subscribeOnce(c rueidis.Client, sh *shard) (up bool, err error) {
 	defer panics.Recover(r.s.log, "cache_notice_channel", &err)
 	dc, _ := c.Dedicate()
 	// Close, not release: the connection carries our subscription.
 	defer dc.Close()
 	hookFailed := make(chan error, 1)
 	closed := dc.SetPubSubHooks(rueidis.PubSubHooks{OnMessage: func(m rueidis.PubSubMessage) {
-		if err := r.handleNotice(m); err != nil {
-			// The notice is lost: stop serving the local tier now,
-			// not when the loop hears of it.
-			r.subscribed.Store(false)
-			r.refreshGate()
-			select {
-			case hookFailed <- err:
-			default:
-			}
-		}
+		r.notice(sh, m, hookFailed)
 	}})
 	ctx, cancel := context.WithTimeout(r.s.ctx, r.s.cfg.channelTimeout)
-	err = dc.Do(ctx, dc.B().Subscribe().Channel(r.channel).Build()).Error()
+	err = dc.Do(ctx, dc.B().Subscribe().Channel(sh.channel).Build()).Error()
 	cancel()
 	if err != nil {
 		return false, fmt.Errorf("subscribe: %w", err)
@@ -1071,7 +1194,7 @@ func (r *redisTier) subscribeOnce(c rueidis.Client) (up bool, err error) {
 	case <-r.beat:
 	default:
 	}
-	r.heartbeat(c)
+	r.heartbeat(c, sh)
 	select {
 	case <-r.beat:
 	case err := <-hookFailed:
@@ -1104,33 +1227,150 @@ func (r *redisTier) subscribeOnce(c rueidis.Client) (up bool, err error) {
 		case <-r.s.ctx.Done():
 			return true, nil
 		case <-t.C:
-			if time.Since(time.Unix(0, r.lastBeat.Load())) > r.s.cfg.channelTimeout {
+			if time.Since(time.Unix(0, sh.lastBeat.Load())) > r.s.cfg.channelTimeout {
 				return true, errChannelStalled
 			}
-			r.heartbeat(c)
+			r.heartbeat(c, sh)
 		}
 	}
 }
 
+// notice handles one message of sh's channel; a notice that could not be
+// handled is lost, so the local tier stops serving at once, not when the
+// subscription's loop hears of it on failed.
+func (r *redisTier) notice(sh *shard, m rueidis.PubSubMessage, failed chan<- error) {
+	if err := r.handleNotice(sh, m); err != nil {
+		r.subscribed.Store(false)
+		r.refreshGate()
+		select {
+		case failed <- err:
+		default:
+		}
+	}
+}
+
+// subscribeSharded is subscribeOnce for a cluster: one SSUBSCRIBE per
+// group, each on the connection rueidis keeps to the master of the group's
+// slot, and a heartbeat of ours on every group's channel, each of which
+// must come back. The channel is up only while every group's is: a
+// subscription that ends (its master died, or the slot moved and Redis
+// unsubscribed us) or a group whose heartbeat stops coming back ends them
+// all, and the loop subscribes again, to wherever the slots are now.
+func (r *redisTier) subscribeSharded(c rueidis.Client, l *layout) (up bool, err error) {
+	defer panics.Recover(r.s.log, "cache_notice_channel", &err)
+	ctx, cancel := context.WithCancel(r.s.ctx)
+	var wg sync.WaitGroup
+	defer func() {
+		cancel()
+		wg.Wait()
+	}()
+	ended := make(chan error, len(l.shards))
+	hookFailed := make(chan error, 1)
+	for _, sh := range l.shards {
+		wg.Go(func() {
+			err := c.Receive(ctx, c.B().Ssubscribe().Channel(sh.channel).Build(), func(m rueidis.PubSubMessage) {
+				r.notice(sh, m, hookFailed)
+			})
+			if err == nil {
+				err = fmt.Errorf("%s unsubscribed by redis", sh.channel)
+			}
+			ended <- fmt.Errorf("subscription: %w", err)
+		})
+	}
+	since := time.Now().UnixNano()
+	heard := func() bool {
+		for _, sh := range l.shards {
+			if sh.lastBeat.Load() < since {
+				return false
+			}
+		}
+		return true
+	}
+	// Until every group's heartbeat has come back once: a heartbeat sent
+	// before its SSUBSCRIBE took effect is lost, so they are sent again.
+	deadline := time.After(r.s.cfg.channelTimeout)
+	poll := time.NewTicker(5 * time.Millisecond)
+	defer poll.Stop()
+	sent := time.Time{}
+	for !heard() {
+		if time.Since(sent) >= r.s.cfg.heartbeat/2 {
+			r.heartbeatSharded(c, l, since)
+			sent = time.Now()
+		}
+		select {
+		case <-poll.C:
+		case err := <-ended:
+			return false, err
+		case err := <-hookFailed:
+			return false, err
+		case <-deadline:
+			return false, errChannelStalled
+		case <-r.s.ctx.Done():
+			return false, nil
+		}
+	}
+	// The masters behind the new subscriptions may not be the ones of the
+	// last probe (a failover): probe them before trusting them.
+	if err := r.probeNow(); err != nil {
+		return false, err
+	}
+	r.subscribed.Store(true)
+	r.refreshGate()
+	t := time.NewTicker(r.s.cfg.heartbeat)
+	defer t.Stop()
+	for {
+		select {
+		case err := <-hookFailed:
+			return true, err
+		case err := <-ended:
+			return true, err
+		case <-r.s.ctx.Done():
+			return true, nil
+		case <-t.C:
+			for _, sh := range l.shards {
+				if time.Since(time.Unix(0, sh.lastBeat.Load())) > r.s.cfg.channelTimeout {
+					return true, fmt.Errorf("%w on %s", errChannelStalled, sh.channel)
+				}
+			}
+			r.heartbeatSharded(c, l, 0)
+		}
+	}
+}
+
+// heartbeatSharded publishes our heartbeat on the channel of every group
+// whose heartbeat was last heard before since, in one pipelined round
+// trip (rueidis sends each to its slot's master).
+func (r *redisTier) heartbeatSharded(c rueidis.Client, l *layout, since int64) {
+	cmds := make(rueidis.Commands, 0, len(l.shards))
+	for _, sh := range l.shards {
+		if since == 0 || sh.lastBeat.Load() < since {
+			cmds = append(cmds, c.B().Spublish().Channel(sh.channel).Message("h:"+r.nonce).Build())
+		}
+	}
+	ctx, cancel := context.WithTimeout(r.s.ctx, r.s.cfg.heartbeat)
+	c.DoMulti(ctx, cmds...)
+	cancel()
+}
+
 // heartbeat publishes our own heartbeat; its return through the
 // subscription proves the channel works end to end.
-func (r *redisTier) heartbeat(c rueidis.Client) {
+func (r *redisTier) heartbeat(c rueidis.Client, sh *shard) {
 	ctx, cancel := context.WithTimeout(r.s.ctx, r.s.cfg.heartbeat)
-	c.Do(ctx, c.B().Publish().Channel(r.channel).Message("h:"+r.nonce).Build())
+	c.Do(ctx, c.B().Publish().Channel(sh.channel).Message("h:"+r.nonce).Build())
 	cancel()
 }
 
 // handleNotice runs onMessage in the client's reader goroutine, where a
 // panic would end the process; it returns the panic as an error instead.
-func (r *redisTier) handleNotice(m rueidis.PubSubMessage) (err error) {
+func (r *redisTier) handleNotice(sh *shard, m rueidis.PubSubMessage) (err error) {
 	defer panics.Recover(r.s.log, "cache_notice_handler", &err)
-	r.onMessage(m)
+	r.onMessage(sh, m)
 	return nil
 }
 
-// onMessage handles one notice; rueidis calls it on one goroutine, in the
-// order Redis sent them.
-func (r *redisTier) onMessage(m rueidis.PubSubMessage) {
+// onMessage handles one notice of sh's channel; rueidis calls it on one
+// goroutine per connection, in the order Redis sent them.
+func (r *redisTier) onMessage(sh *shard, m rueidis.PubSubMessage) {
 	msg := m.Message
 	switch {
 	case strings.HasPrefix(msg, "i:"):
@@ -1150,16 +1390,16 @@ func (r *redisTier) onMessage(m rueidis.PubSubMessage) {
 		}
 		r.s.onIntent(id)
 	case msg == "h:"+r.nonce:
-		r.lastBeat.Store(time.Now().UnixNano())
+		sh.lastBeat.Store(time.Now().UnixNano())
 		select {
 		case r.beat <- struct{}{}:
 		default:
 		}
 	case strings.HasPrefix(msg, "g:"):
-		if g, err := strconv.ParseInt(msg[2:], 10, 64); err == nil && g > r.gen.Load() {
+		if g, err := strconv.ParseInt(msg[2:], 10, 64); err == nil && g > sh.gen.Load() {
 			// Some instance lost track of its invalidations; which ids
 			// they were is unknown, so the local tier starts afresh too.
-			r.adoptGen(g)
+			r.adoptGen(sh, g)
 		}
 	}
 }

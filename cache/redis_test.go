@@ -245,11 +245,11 @@ func TestPendingOverflow(t *testing.T) {
 			t.Errorf("A read its write as version %d", v)
 		}
 	}
-	before := a.redis.gen.Load()
+	before := a.redis.shards()[0].gen.Load()
 	srv.Resume()
 	eventually(t, 5*time.Second, "both on a new generation", func() bool {
-		g := a.redis.gen.Load()
-		return g > before && b.redis.gen.Load() == g && healthy(a) && healthy(b)
+		g := a.redis.shards()[0].gen.Load()
+		return g > before && b.redis.shards()[0].gen.Load() == g && healthy(a) && healthy(b)
 	})
 	for _, c := range []*Store{a, b} {
 		for _, u := range users {
@@ -485,7 +485,7 @@ func TestGenerationRejoin(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, 2*time.Second, "both instances on generation 7", func() bool {
-		return a.redis.gen.Load() == 7 && b.redis.gen.Load() == 7
+		return a.redis.shards()[0].gen.Load() == 7 && b.redis.shards()[0].gen.Load() == 7
 	})
 	nu := rename(t, a, u.ID, "After")
 	eventually(t, time.Second, "B sees the write", func() bool { return version(t, b, u.ID) == nu.Version })

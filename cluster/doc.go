@@ -10,5 +10,7 @@
 // are set, and fail when either server cannot be reached or nginx can be
 // neither found nor installed (USERAPI_TEST_NGINX names the binary). Each
 // test gets its own PostgreSQL database and its own redis-server on a free
-// port, so parallel runs never share data. The package has no non-test code.
+// port, so parallel runs never share data; with USERAPI_TEST_REDIS_SERVER
+// one test runs the instances over a Redis Cluster of its own (ports
+// 7130-7135) and kills a master. The package has no non-test code.
 package cluster

@@ -174,9 +174,19 @@ func startCluster(t *testing.T, n int, serveFlags ...string) *cluster {
 // unless serveFlags set their own.
 func startClusterWith(t *testing.T, n int, scriptFlags []string, serveFlags ...string) *cluster {
 	t.Helper()
+	return startClusterOn(t, n, "", scriptFlags, serveFlags...)
+}
+
+// startClusterOn is startClusterWith over the Redis at redis (a cluster or
+// a Sentinel set of the test's own), or over a redis-server of its own
+// when redis is empty.
+func startClusterOn(t *testing.T, n int, redis string, scriptFlags []string, serveFlags ...string) *cluster {
+	t.Helper()
 	pgURL, redisURL := serverURLs(t)
 	dbURL, pool := freshDatabase(t, pgURL)
-	redis := startRedis(t, redisURL)
+	if redis == "" {
+		redis = startRedis(t, redisURL)
+	}
 	bin := userapiBinary(t)
 	ports := freePorts(t, 1+2*n)
 	c := &cluster{

@@ -146,7 +146,24 @@ func offer(limiters []ratelimit.Limiter, key string, lim ratelimit.Limit, interv
 // far above it the client goes, in shared mode; in divided mode too when
 // the client spreads evenly over them.
 func TestRedisBudgetAcrossInstances(t *testing.T) {
-	srv := redisServer(t)
+	budgetAcrossInstances(t, redisServer(t).URL())
+}
+
+// TestRedisClusterAndSentinelBudget: the same over a Redis Cluster of 3
+// masters and over a Sentinel-monitored master, of the test's own
+// (USERAPI_TEST_REDIS_SERVER; ports 7120-7127 and 26410-26412, apart from
+// the cache package's, which may run at the same time). Every script
+// names one key, so a cluster runs them on the key's master.
+func TestRedisClusterAndSentinelBudget(t *testing.T) {
+	t.Run("cluster", func(t *testing.T) {
+		budgetAcrossInstances(t, testenv.StartRedisCluster(t, 20, 3, 1).URL())
+	})
+	t.Run("sentinel", func(t *testing.T) {
+		budgetAcrossInstances(t, testenv.StartSentinelSet(t, "rl-test", 26, 1, 10, 3).URL())
+	})
+}
+
+func budgetAcrossInstances(t *testing.T, url string) {
 	lim := ratelimit.Limit{Rate: 200, Burst: 100}
 	const d = 2 * time.Second
 	want := float64(lim.Burst) + lim.Rate*d.Seconds()
@@ -154,7 +171,7 @@ func TestRedisBudgetAcrossInstances(t *testing.T) {
 		t.Run(string(mode), func(t *testing.T) {
 			var ls []ratelimit.Limiter
 			for range 3 {
-				ls = append(ls, newRedis(t, srv.URL(), mode))
+				ls = append(ls, newRedis(t, url, mode))
 			}
 			waitInstances(t, ls, 3)
 			// 3 × 1000 requests a second offered: 15× the rate.

@@ -16,6 +16,8 @@ import (
 	"github.com/maypok86/otter/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/rueidis"
+
+	"userapi/internal/redisurl"
 )
 
 // takeScript is GCRA (the generic cell rate algorithm, a token bucket kept
@@ -109,7 +111,10 @@ const (
 
 // RedisConfig configures a Redis limiter.
 type RedisConfig struct {
-	// URL of the Redis server (redis://host:6379/0). Ignored when Client
+	// URL of the Redis server (redis://host:6379/0), cluster
+	// (redis://h1:p1,h2:p2) or Sentinel set
+	// (redis-sentinel://s1:p1,s2:p2/master); see internal/redisurl.
+	// Ignored when Client
 	// is set.
 	URL string
 	// Client, when set, is used instead of dialling URL, and not closed.
@@ -213,16 +218,13 @@ func NewRedis(cfg RedisConfig) (*Redis, error) {
 	if cfg.Client != nil {
 		r.client.Store(&cfg.Client)
 	} else {
-		o, err := rueidis.ParseURL(cfg.URL)
+		o, err := redisurl.Parse(cfg.URL)
 		if err != nil {
 			return nil, fmt.Errorf("ratelimit: redis url: %w", err)
 		}
 		// No client-side caching (nothing here is read twice) and no
 		// retries: a slow Redis is failed open, not waited for.
-		o.DisableCache = true
-		o.DisableRetry = true
-		o.Dialer.Timeout = time.Second
-		o.ConnWriteTimeout = time.Second
+		redisurl.Prepare(&o)
 		r.clientOpt = &o
 	}
 	r.ctx, r.cancel = context.WithCancel(context.Background())

@@ -92,7 +92,7 @@ func (c *config) serveFlags(fs *flag.FlagSet) {
 	c.dbFlags(fs)
 	fs.StringVar(&c.Addr, "addr", "127.0.0.1:8080", "public listen address")
 	fs.BoolVar(&c.Migrate, "migrate", false, "apply pending migrations at start (SQLite always does)")
-	fs.StringVar(&c.Redis, "redis", "", "Redis URL (redis://host:6379/0); needed by the redis and tiered caches")
+	fs.StringVar(&c.Redis, "redis", "", "Redis URL: redis://host:6379/0, a cluster redis://h1:p1,h2:p2,h3:p3, or a Sentinel set redis-sentinel://s1:26379,s2:26379/mymaster (docs/deploy.md); needed by the redis and tiered caches")
 	// 50ms: a healthy Redis on the same network answers in well under a
 	// millisecond; waiting longer only adds latency before failing open.
 	fs.StringVar(&c.RedisPrefix, "redis-prefix", cache.DefaultKeyPrefix, "prefix of every Redis key and channel, to share one Redis between deployments")

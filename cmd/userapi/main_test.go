@@ -302,6 +302,9 @@ func TestUsageErrors(t *testing.T) {
 		{"serve", "--rate-limit", "-1"},
 		{"serve", "--rate-limit-store", "disk"},
 		{"serve", "--rate-limit-store", "redis"}, // without --redis
+		{"serve", "--cache", "tiered", "--redis", "127.0.0.1:6379"},
+		{"serve", "--cache", "tiered", "--redis", "redis-sentinel://127.0.0.1:26379"}, // no master set
+		{"serve", "--rate-limit-store", "redis", "--redis", "http://127.0.0.1:6379"},
 		{"seed", "--users", "0"},
 		{"bench", "--connections", "x", "http://127.0.0.1:1"},
 	}

@@ -24,6 +24,7 @@ import (
 	"userapi/cache"
 	"userapi/http"
 	"userapi/internal/redact"
+	"userapi/internal/redisurl"
 	"userapi/ratelimit"
 )
 
@@ -139,6 +140,11 @@ func (c *config) checkServe() (cache.Mode, error) {
 	}
 	if (mode == cache.ModeRedis || mode == cache.ModeTiered) && c.Redis == "" {
 		return "", fmt.Errorf("%w: --cache %s needs --redis", errUsage, mode)
+	}
+	if c.Redis != "" {
+		if _, err := redisurl.Parse(c.Redis); err != nil {
+			return "", fmt.Errorf("%w: --redis: %v", errUsage, err)
+		}
 	}
 	if _, err := c.trustedProxies(); err != nil {
 		return "", fmt.Errorf("%w: %v", errUsage, err)

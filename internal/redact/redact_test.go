@@ -7,13 +7,15 @@ import (
 
 func TestURL(t *testing.T) {
 	tests := map[string]string{
-		"mysql://root:secret@127.0.0.1:3306/test":                     "mysql://root:xxxxx@127.0.0.1:3306/test",
-		"postgres://postgres@127.0.0.1:5432/test?sslmode=disable":     "postgres://postgres@127.0.0.1:5432/test?sslmode=disable",
-		"postgres://h/db?password=hunter2":                            "postgres://h/db?password=xxxxx",
-		"redis://:hunter2@127.0.0.1:6379/0":                           "redis://:xxxxx@127.0.0.1:6379/0",
-		"mysql://root@127.0.0.1:3306/test?password=hunter2&tls=false": "mysql://root@127.0.0.1:3306/test?password=xxxxx&tls=false",
-		"sqlite:userapi.db":                                           "sqlite:userapi.db",
-		"postgres://u:p%zz@h/db":                                      "<unparsable URL redacted>",
+		"mysql://root:secret@127.0.0.1:3306/test":                      "mysql://root:xxxxx@127.0.0.1:3306/test",
+		"postgres://postgres@127.0.0.1:5432/test?sslmode=disable":      "postgres://postgres@127.0.0.1:5432/test?sslmode=disable",
+		"postgres://h/db?password=hunter2":                             "postgres://h/db?password=xxxxx",
+		"redis://:hunter2@127.0.0.1:6379/0":                            "redis://:xxxxx@127.0.0.1:6379/0",
+		"redis://:hunter2@h1:7100,h2:7101":                             "redis://:xxxxx@h1:7100,h2:7101",
+		"redis-sentinel://:pw@s1:26379,s2:26379/m?sentinel_password=x": "redis-sentinel://:xxxxx@s1:26379,s2:26379/m?sentinel_password=xxxxx",
+		"mysql://root@127.0.0.1:3306/test?password=hunter2&tls=false":  "mysql://root@127.0.0.1:3306/test?password=xxxxx&tls=false",
+		"sqlite:userapi.db":                                            "sqlite:userapi.db",
+		"postgres://u:p%zz@h/db":                                       "<unparsable URL redacted>",
 	}
 	for in, want := range tests {
 		if got := URL(in); got != want {
