@@ -325,7 +325,15 @@ func New(ctx context.Context, store userapi.Store, cfg Config) (*Store, error) {
 			redisurl.Prepare(&o)
 			opt = &o
 		}
-		s.redis = newRedisTier(s, cfg.Redis, opt)
+		s.redis = newRedisTier(redisDeps{
+			ctx:    s.ctx,
+			wg:     &s.wg,
+			log:    s.log,
+			cfg:    &s.cfg,
+			m:      s.m,
+			state:  &s.state,
+			events: s,
+		}, cfg.Redis, opt)
 		if cfg.Mode == ModeTiered {
 			s.state.Store(0) // down until the notice channel is subscribed
 		}

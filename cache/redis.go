@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"slices"
 	"strconv"
@@ -164,7 +165,7 @@ return string.format('%d', g)
 // every invalidation this instance could not deliver has been applied:
 // until then reads and fills skip it.
 type redisTier struct {
-	s       *Store
+	redisDeps
 	opt     *rueidis.ClientOption // nil when the client was injected
 	box     atomic.Pointer[clientBox]
 	timeout time.Duration
@@ -206,23 +207,47 @@ type clientBox struct {
 	own bool
 }
 
-func newRedisTier(s *Store, client rueidis.Client, opt *rueidis.ClientOption) *redisTier {
-	p := s.cfg.KeyPrefix
+// redisDeps are what the Redis tier is handed by the cache it serves.
+type redisDeps struct {
+	ctx context.Context // ends at Close
+	wg  *sync.WaitGroup // the tier's goroutines, waited for at Close
+	log *slog.Logger
+	cfg *Config
+	m   *metrics
+	// state is the notice channel's epoch (Store.state): the tier reads
+	// it, events moves it.
+	state  *epoch
+	events tierEvents
+}
+
+// tierEvents is what the Redis tier tells the cache around it: the notices
+// it hears, the notice channel going up and down, and a Redis that lost
+// writes (every local copy must go). *Store implements it.
+type tierEvents interface {
+	onNotice(id, version int64)
+	onIntent(id int64)
+	channelUp()
+	channelDown()
+	flushLocal()
+}
+
+func newRedisTier(deps redisDeps, client rueidis.Client, opt *rueidis.ClientOption) *redisTier {
+	p := deps.cfg.KeyPrefix
 	r := &redisTier{
-		s:       s,
-		opt:     opt,
-		timeout: s.cfg.RedisTimeout,
-		tiered:  s.cfg.Mode == ModeTiered,
-		nonce:   strconv.FormatUint(rand.Uint64(), 36),
-		fillLua: newScript(fillScript),
-		inval:   newScript(invalidateScript),
-		intent:  newScript(intentScript),
-		probe:   newScript(probeScript),
-		newGen:  newScript(newGenScript),
-		pending: make(map[int64]int64),
-		wake:    make(chan struct{}, 1),
-		beat:    make(chan struct{}, 1),
-		fills:   make(chan fillJob, fillQueueLen),
+		redisDeps: deps,
+		opt:       opt,
+		timeout:   deps.cfg.RedisTimeout,
+		tiered:    deps.cfg.Mode == ModeTiered,
+		nonce:     strconv.FormatUint(rand.Uint64(), 36),
+		fillLua:   newScript(fillScript),
+		inval:     newScript(invalidateScript),
+		intent:    newScript(intentScript),
+		probe:     newScript(probeScript),
+		newGen:    newScript(newGenScript),
+		pending:   make(map[int64]int64),
+		wake:      make(chan struct{}, 1),
+		beat:      make(chan struct{}, 1),
+		fills:     make(chan fillJob, fillQueueLen),
 	}
 	r.lay.Store(newLayout(p, false, r.tiered))
 	if client != nil {
@@ -235,9 +260,9 @@ func newRedisTier(s *Store, client rueidis.Client, opt *rueidis.ClientOption) *r
 	// probes and applies the pending invalidations first.
 	r.cb = circuitbreaker.NewBuilder[any]().
 		WithFailureThresholdRatio(5, 10).
-		WithDelay(s.cfg.probeInterval).
+		WithDelay(deps.cfg.probeInterval).
 		OnStateChanged(func(e circuitbreaker.StateChangedEvent) {
-			s.m.breakerState.Set(breakerGauge(e.NewState))
+			deps.m.breakerState.Set(breakerGauge(e.NewState))
 		}).
 		Build()
 	r.cb.Open() // until the first probe succeeds
@@ -259,16 +284,16 @@ func breakerGauge(st circuitbreaker.State) float64 {
 // channel.
 func (r *redisTier) start() {
 	r.recover()
-	r.s.wg.Go(panics.Loop(r.s.ctx, r.s.log, "cache_redis_probe", r.maintain))
-	r.s.wg.Go(panics.Loop(r.s.ctx, r.s.log, "cache_redis_filler", r.filler))
+	r.wg.Go(panics.Loop(r.ctx, r.log, "cache_redis_probe", r.maintain))
+	r.wg.Go(panics.Loop(r.ctx, r.log, "cache_redis_filler", r.filler))
 	if !r.tiered {
 		return
 	}
-	r.s.wg.Go(panics.Loop(r.s.ctx, r.s.log, "cache_notice_channel", r.subscribeLoop))
+	r.wg.Go(panics.Loop(r.ctx, r.log, "cache_notice_channel", r.subscribeLoop))
 	// Give the channel a moment to come up so the local tier serves from
 	// the first request; if Redis is away it comes up later.
 	deadline := time.Now().Add(time.Second)
-	for !r.s.state.up() && time.Now().Before(deadline) && r.box.Load() != nil {
+	for !r.state.up() && time.Now().Before(deadline) && r.box.Load() != nil {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
@@ -295,10 +320,10 @@ func (r *redisTier) useLayoutOf(c rueidis.Client) {
 	if r.lay.Load().cluster == cluster {
 		return
 	}
-	if cluster && hasHashTag(r.s.cfg.KeyPrefix) {
-		r.s.log.Warn("redis cluster: the key prefix holds a hash tag, so every key of the cache is in one slot", "prefix", r.s.cfg.KeyPrefix)
+	if cluster && hasHashTag(r.cfg.KeyPrefix) {
+		r.log.Warn("redis cluster: the key prefix holds a hash tag, so every key of the cache is in one slot", "prefix", r.cfg.KeyPrefix)
 	}
-	r.lay.Store(newLayout(r.s.cfg.KeyPrefix, cluster, r.tiered))
+	r.lay.Store(newLayout(r.cfg.KeyPrefix, cluster, r.tiered))
 }
 
 // shards is the layout's groups; one unless Redis is a cluster.
@@ -336,7 +361,7 @@ func (r *redisTier) failed(err error) {
 	}
 	r.cb.RecordFailure()
 	if r.cb.IsOpen() && r.setUsable(false) {
-		r.s.log.Warn("redis unhealthy, failing open to the database", "err", err)
+		r.log.Warn("redis unhealthy, failing open to the database", "err", err)
 		r.refreshGate()
 		r.poke()
 	}
@@ -411,10 +436,10 @@ func (r *redisTier) getMany(ctx context.Context, ids []int64, d time.Duration) (
 		}
 		switch {
 		case ms > 0:
-			e.ttl = min(r.s.cfg.TTL, time.Duration(ms)*time.Millisecond)
+			e.ttl = min(r.cfg.TTL, time.Duration(ms)*time.Millisecond)
 		case ms == -1:
 			// No expiry: not one of ours (every fill sets one); the TTL bounds it.
-			e.ttl = r.s.cfg.TTL
+			e.ttl = r.cfg.TTL
 		default:
 			// Expired since the GET. Never zero: the local tier keeps an
 			// entry with a zero lifetime forever.
@@ -475,7 +500,7 @@ func decodeEntry(b []byte) (*entry, error) {
 // pipelined round trip of one script call per fillChunk ids. health is the
 // tier's health when the read began.
 func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry, health uint64) {
-	m := r.s.m
+	m := r.m
 	if r.health.Load() != health || health&1 == 0 {
 		m.fillRedisSkipped.Add(float64(len(ids)))
 		return
@@ -593,7 +618,7 @@ func (r *redisTier) fillLater(j fillJob) {
 	select {
 	case r.fills <- j:
 	default:
-		r.s.m.fillRedisSkipped.Add(float64(len(j.ids)))
+		r.m.fillRedisSkipped.Add(float64(len(j.ids)))
 	}
 }
 
@@ -605,7 +630,7 @@ func (r *redisTier) filler() {
 	for {
 		var j fillJob
 		select {
-		case <-r.s.ctx.Done():
+		case <-r.ctx.Done():
 			return
 		case j = <-r.fills:
 		}
@@ -617,9 +642,9 @@ func (r *redisTier) filler() {
 			case j.health != health:
 				// Redis was unusable or moved generation since the
 				// read; fill would skip it too.
-				r.s.m.fillRedisSkipped.Add(float64(len(j.ids)))
-			case time.Since(j.at) > r.s.cfg.TombstoneTTL/2:
-				r.s.m.fillLate.Add(float64(len(j.ids)))
+				r.m.fillRedisSkipped.Add(float64(len(j.ids)))
+			case time.Since(j.at) > r.cfg.TombstoneTTL/2:
+				r.m.fillLate.Add(float64(len(j.ids)))
 			default:
 				ids = append(ids, j.ids...)
 				entries = append(entries, j.entries...)
@@ -634,7 +659,7 @@ func (r *redisTier) filler() {
 			}
 		}
 		if len(ids) > 0 {
-			r.fill(r.s.ctx, ids, entries, health)
+			r.fill(r.ctx, ids, entries, health)
 		}
 	}
 }
@@ -657,7 +682,7 @@ func (r *redisTier) invalidate(ctx context.Context, id, version int64) {
 	err := r.inval.exec(ctx, c, []string{r.key(id)}, r.invalidateArgs(id, version)).Error()
 	cancel()
 	if err != nil {
-		r.s.m.invFailed.Inc()
+		r.m.invFailed.Inc()
 		r.failed(err)
 		if version != releaseVersion {
 			r.remember(id, version)
@@ -666,7 +691,7 @@ func (r *redisTier) invalidate(ctx context.Context, id, version int64) {
 		return
 	}
 	r.succeeded()
-	r.s.m.invSent.Inc()
+	r.m.invSent.Inc()
 	if r.npending.Load() > 0 {
 		r.pmu.Lock()
 		if v, ok := r.pending[id]; ok && v <= version {
@@ -680,7 +705,7 @@ func (r *redisTier) invalidate(ctx context.Context, id, version int64) {
 func (r *redisTier) invalidateArgs(id, version int64) []string {
 	v := strconv.FormatInt(version, 10)
 	l := r.lay.Load()
-	return []string{v, strconv.FormatInt(r.s.cfg.TombstoneTTL.Milliseconds(), 10),
+	return []string{v, strconv.FormatInt(r.cfg.TombstoneTTL.Milliseconds(), 10),
 		l.shardOf(id).channel, "i:" + strconv.FormatInt(id, 10) + ":" + v, l.publish}
 }
 
@@ -696,7 +721,7 @@ func (r *redisTier) intend(ctx context.Context, id int64) {
 	l := r.lay.Load()
 	sh := l.shardOf(id)
 	err := r.intent.exec(ctx, c, []string{sh.key(id)}, []string{
-		strconv.FormatInt(r.s.cfg.TombstoneTTL.Milliseconds(), 10),
+		strconv.FormatInt(r.cfg.TombstoneTTL.Milliseconds(), 10),
 		sh.channel, "w:" + strconv.FormatInt(id, 10), l.publish,
 	}).Error()
 	cancel()
@@ -705,7 +730,7 @@ func (r *redisTier) intend(ctx context.Context, id int64) {
 		return
 	}
 	r.succeeded()
-	r.s.m.intentsSent.Inc()
+	r.m.intentsSent.Inc()
 }
 
 // remember keeps an invalidation for later; past PendingMax the set is
@@ -717,7 +742,7 @@ func (r *redisTier) remember(id, version int64) {
 		r.pending[id] = max(v, version)
 		return
 	}
-	if len(r.pending) >= r.s.cfg.PendingMax {
+	if len(r.pending) >= r.cfg.PendingMax {
 		r.overflowed.Store(true)
 		return
 	}
@@ -727,11 +752,11 @@ func (r *redisTier) remember(id, version int64) {
 
 // maintain runs recover whenever Redis may need it.
 func (r *redisTier) maintain() {
-	t := time.NewTicker(r.s.cfg.probeInterval)
+	t := time.NewTicker(r.cfg.probeInterval)
 	defer t.Stop()
 	for {
 		select {
-		case <-r.s.ctx.Done():
+		case <-r.ctx.Done():
 			return
 		case <-t.C:
 		case <-r.wake:
@@ -751,7 +776,7 @@ func (r *redisTier) recover() {
 		c, err := rueidis.NewClient(*r.opt)
 		if err != nil {
 			if !r.dialWarned {
-				r.s.log.Warn("redis unreachable, failing open to the database until it answers", "err", err)
+				r.log.Warn("redis unreachable, failing open to the database until it answers", "err", err)
 				r.dialWarned = true
 			}
 			return
@@ -761,12 +786,12 @@ func (r *redisTier) recover() {
 	}
 	same, err := r.probeGroups()
 	if err != nil {
-		if r.s.ctx.Err() != nil {
+		if r.ctx.Err() != nil {
 			return
 		}
 		r.cb.Open()
 		if r.setUsable(false) {
-			r.s.log.Warn("redis unusable, failing open to the database", "err", err)
+			r.log.Warn("redis unusable, failing open to the database", "err", err)
 		}
 		r.refreshGate()
 		if slices.Contains(same, true) && r.npending.Load() > 0 && !r.overflowed.Load() {
@@ -778,8 +803,8 @@ func (r *redisTier) recover() {
 			// on the master of before: a group that failed over is
 			// moving to a new generation, and a tombstone put in the
 			// old one would be lost while its write was forgotten.
-			if err := r.applyPending(r.s.ctx, same); err != nil {
-				r.s.log.Debug("redis: pending invalidations not all applied", "err", err)
+			if err := r.applyPending(r.ctx, same); err != nil {
+				r.log.Debug("redis: pending invalidations not all applied", "err", err)
 			}
 		}
 		return
@@ -787,13 +812,13 @@ func (r *redisTier) recover() {
 	if r.usable() && r.npending.Load() == 0 && !r.overflowed.Load() {
 		return
 	}
-	if err := r.applyPending(r.s.ctx, nil); err != nil {
-		r.s.log.Debug("redis: pending invalidations not applied yet", "err", err)
+	if err := r.applyPending(r.ctx, nil); err != nil {
+		r.log.Debug("redis: pending invalidations not applied yet", "err", err)
 		return
 	}
 	if r.setUsable(true) {
 		r.cb.Close()
-		r.s.log.Info("redis healthy, cache tier in use")
+		r.log.Info("redis healthy, cache tier in use")
 	}
 	r.refreshGate()
 }
@@ -816,7 +841,7 @@ func (r *redisTier) probeGroups() (same []bool, err error) {
 	defer r.probeMu.Unlock()
 	c := r.client()
 	l := r.lay.Load()
-	ctx, cancel := context.WithTimeout(r.s.ctx, 4*r.timeout)
+	ctx, cancel := context.WithTimeout(r.ctx, 4*r.timeout)
 	defer cancel()
 	fresh, ttl := freshGen(), strconv.FormatInt(probeTTL.Milliseconds(), 10)
 	var res []rueidis.RedisResult
@@ -863,12 +888,12 @@ func (r *redisTier) probeGroups() (same []bool, err error) {
 	}
 	if changed > 0 {
 		if seen {
-			r.s.log.Warn("redis restarted, failed over or was restored; its entries are not trusted",
+			r.log.Warn("redis restarted, failed over or was restored; its entries are not trusted",
 				"groups", changed, "moved_generation", moved > 0)
 		}
 		r.policyErr = r.checkPolicy(ctx)
 		if r.policyErr != nil {
-			r.s.log.Error("redis tier not used", "err", r.policyErr)
+			r.log.Error("redis tier not used", "err", r.policyErr)
 		}
 	}
 	if r.policyErr != nil {
@@ -920,7 +945,7 @@ func (r *redisTier) checkPolicy(ctx context.Context) error {
 	for addr, n := range nodes {
 		m, err := n.Do(ctx, n.B().ConfigGet().Parameter("maxmemory", "maxmemory-policy").Build()).AsStrMap()
 		if err != nil {
-			r.s.log.Warn("redis: cannot read the eviction policy; it must be noeviction (see docs/cache.md)", "node", addr, "err", err)
+			r.log.Warn("redis: cannot read the eviction policy; it must be noeviction (see docs/cache.md)", "node", addr, "err", err)
 			continue
 		}
 		if pol := m["maxmemory-policy"]; m["maxmemory"] != "0" && pol != "noeviction" {
@@ -946,7 +971,7 @@ func (r *redisTier) adoptGens(l *layout, gens []int64) {
 	}
 	if moved {
 		r.bumpHealth()
-		r.s.flushLocal()
+		r.events.flushLocal()
 	}
 }
 
@@ -957,7 +982,7 @@ func (r *redisTier) adoptGen(sh *shard, g int64) {
 	}
 	sh.setGen(g)
 	r.bumpHealth()
-	r.s.flushLocal()
+	r.events.flushLocal()
 }
 
 // bumpHealth starts a new health epoch without a change of usability, so
@@ -974,9 +999,9 @@ func (r *redisTier) refreshGate() {
 	r.gateMu.Lock()
 	defer r.gateMu.Unlock()
 	if r.subscribed.Load() && r.usable() {
-		r.s.channelUp()
+		r.events.channelUp()
 	} else {
-		r.s.channelDown()
+		r.events.channelDown()
 	}
 }
 
@@ -992,7 +1017,7 @@ func (r *redisTier) applyPending(ctx context.Context, only []bool) error {
 		if err := r.moveGeneration(ctx); err != nil {
 			return err
 		}
-		r.s.log.Warn("redis: too many invalidations missed, moved to a new key generation", "gen", r.shards()[0].gen.Load())
+		r.log.Warn("redis: too many invalidations missed, moved to a new key generation", "gen", r.shards()[0].gen.Load())
 		r.pmu.Lock()
 		clear(r.pending)
 		r.npending.Store(0)
@@ -1039,7 +1064,7 @@ func (r *redisTier) applyPending(ctx context.Context, only []bool) error {
 				failed++
 				continue
 			}
-			r.s.m.invSent.Inc()
+			r.m.invSent.Inc()
 			id := ids[lo+i]
 			if v, ok := r.pending[id]; ok && v <= snap[id] {
 				delete(r.pending, id)
@@ -1112,14 +1137,14 @@ func (r *redisTier) invalidateMany(ctx context.Context, ids, versions []int64) e
 		cancel()
 		for _, rr := range res {
 			if err := rr.Error(); err != nil {
-				r.s.m.invFailed.Inc()
+				r.m.invFailed.Inc()
 				r.failed(err)
 				return fmt.Errorf("redis invalidate: %w", err)
 			}
 		}
 	}
 	r.succeeded()
-	r.s.m.invSent.Add(float64(len(ids)))
+	r.m.invSent.Add(float64(len(ids)))
 	return nil
 }
 
@@ -1127,10 +1152,10 @@ func (r *redisTier) invalidateMany(ctx context.Context, ids, versions []int64) e
 // local tier does not serve (Store.state).
 func (r *redisTier) subscribeLoop() {
 	backoff := 50 * time.Millisecond
-	for r.s.ctx.Err() == nil {
+	for r.ctx.Err() == nil {
 		c := r.client()
 		if c == nil {
-			r.sleep(r.s.cfg.probeInterval)
+			r.sleep(r.cfg.probeInterval)
 			continue
 		}
 		var up bool
@@ -1141,13 +1166,13 @@ func (r *redisTier) subscribeLoop() {
 			up, err = r.subscribeOnce(c, l.shards[0])
 		}
 		r.subscribed.Store(false)
-		wasUp := r.s.state.up()
+		wasUp := r.state.up()
 		r.refreshGate()
-		if r.s.ctx.Err() != nil {
+		if r.ctx.Err() != nil {
 			return
 		}
 		if wasUp {
-			r.s.log.Warn("cache notice channel down, local tier bypassed", "err", err)
+			r.log.Warn("cache notice channel down, local tier bypassed", "err", err)
 		}
 		if up {
 			backoff = 50 * time.Millisecond
@@ -1160,7 +1185,7 @@ func (r *redisTier) subscribeLoop() {
 
 func (r *redisTier) sleep(d time.Duration) {
 	select {
-	case <-r.s.ctx.Done():
+	case <-r.ctx.Done():
 	case <-time.After(d):
 	}
 }
@@ -1176,7 +1201,7 @@ var errChannelStalled = errors.New("own heartbeat not heard back")
 // panic as err: the loop then marks the channel down, as for any break, so
 // the local tier serves nothing that may have missed the lost notice.
 func (r *redisTier) subscribeOnce(c rueidis.Client, sh *shard) (up bool, err error) {
-	defer panics.Recover(r.s.log, "cache_notice_channel", &err)
+	defer panics.Recover(r.log, "cache_notice_channel", &err)
 	dc, _ := c.Dedicate()
 	// Close, not release: the connection carries our subscription.
 	defer dc.Close()
@@ -1184,7 +1209,7 @@ func (r *redisTier) subscribeOnce(c rueidis.Client, sh *shard) (up bool, err err
 	closed := dc.SetPubSubHooks(rueidis.PubSubHooks{OnMessage: func(m rueidis.PubSubMessage) {
 		r.notice(sh, m, hookFailed)
 	}})
-	ctx, cancel := context.WithTimeout(r.s.ctx, r.s.cfg.channelTimeout)
+	ctx, cancel := context.WithTimeout(r.ctx, r.cfg.channelTimeout)
 	err = dc.Do(ctx, dc.B().Subscribe().Channel(sh.channel).Build()).Error()
 	cancel()
 	if err != nil {
@@ -1201,9 +1226,9 @@ func (r *redisTier) subscribeOnce(c rueidis.Client, sh *shard) (up bool, err err
 		return false, err
 	case err := <-closed:
 		return false, fmt.Errorf("subscription closed: %w", err)
-	case <-time.After(r.s.cfg.channelTimeout):
+	case <-time.After(r.cfg.channelTimeout):
 		return false, errChannelStalled
-	case <-r.s.ctx.Done():
+	case <-r.ctx.Done():
 		return false, nil
 	}
 	// The Redis behind the new connection may not be the one of the last
@@ -1213,7 +1238,7 @@ func (r *redisTier) subscribeOnce(c rueidis.Client, sh *shard) (up bool, err err
 	}
 	r.subscribed.Store(true)
 	r.refreshGate()
-	t := time.NewTicker(r.s.cfg.heartbeat)
+	t := time.NewTicker(r.cfg.heartbeat)
 	defer t.Stop()
 	for {
 		select {
@@ -1224,10 +1249,10 @@ func (r *redisTier) subscribeOnce(c rueidis.Client, sh *shard) (up bool, err err
 				err = errors.New("subscription closed")
 			}
 			return true, err
-		case <-r.s.ctx.Done():
+		case <-r.ctx.Done():
 			return true, nil
 		case <-t.C:
-			if time.Since(time.Unix(0, sh.lastBeat.Load())) > r.s.cfg.channelTimeout {
+			if time.Since(time.Unix(0, sh.lastBeat.Load())) > r.cfg.channelTimeout {
 				return true, errChannelStalled
 			}
 			r.heartbeat(c, sh)
@@ -1257,8 +1282,8 @@ func (r *redisTier) notice(sh *shard, m rueidis.PubSubMessage, failed chan<- err
 // unsubscribed us) or a group whose heartbeat stops coming back ends them
 // all, and the loop subscribes again, to wherever the slots are now.
 func (r *redisTier) subscribeSharded(c rueidis.Client, l *layout) (up bool, err error) {
-	defer panics.Recover(r.s.log, "cache_notice_channel", &err)
-	ctx, cancel := context.WithCancel(r.s.ctx)
+	defer panics.Recover(r.log, "cache_notice_channel", &err)
+	ctx, cancel := context.WithCancel(r.ctx)
 	var wg sync.WaitGroup
 	defer func() {
 		cancel()
@@ -1288,12 +1313,12 @@ func (r *redisTier) subscribeSharded(c rueidis.Client, l *layout) (up bool, err 
 	}
 	// Until every group's heartbeat has come back once: a heartbeat sent
 	// before its SSUBSCRIBE took effect is lost, so they are sent again.
-	deadline := time.After(r.s.cfg.channelTimeout)
+	deadline := time.After(r.cfg.channelTimeout)
 	poll := time.NewTicker(5 * time.Millisecond)
 	defer poll.Stop()
 	sent := time.Time{}
 	for !heard() {
-		if time.Since(sent) >= r.s.cfg.heartbeat/2 {
+		if time.Since(sent) >= r.cfg.heartbeat/2 {
 			r.heartbeatSharded(c, l, since)
 			sent = time.Now()
 		}
@@ -1305,7 +1330,7 @@ func (r *redisTier) subscribeSharded(c rueidis.Client, l *layout) (up bool, err 
 			return false, err
 		case <-deadline:
 			return false, errChannelStalled
-		case <-r.s.ctx.Done():
+		case <-r.ctx.Done():
 			return false, nil
 		}
 	}
@@ -1316,7 +1341,7 @@ func (r *redisTier) subscribeSharded(c rueidis.Client, l *layout) (up bool, err 
 	}
 	r.subscribed.Store(true)
 	r.refreshGate()
-	t := time.NewTicker(r.s.cfg.heartbeat)
+	t := time.NewTicker(r.cfg.heartbeat)
 	defer t.Stop()
 	for {
 		select {
@@ -1324,11 +1349,11 @@ func (r *redisTier) subscribeSharded(c rueidis.Client, l *layout) (up bool, err 
 			return true, err
 		case err := <-ended:
 			return true, err
-		case <-r.s.ctx.Done():
+		case <-r.ctx.Done():
 			return true, nil
 		case <-t.C:
 			for _, sh := range l.shards {
-				if time.Since(time.Unix(0, sh.lastBeat.Load())) > r.s.cfg.channelTimeout {
+				if time.Since(time.Unix(0, sh.lastBeat.Load())) > r.cfg.channelTimeout {
 					return true, fmt.Errorf("%w on %s", errChannelStalled, sh.channel)
 				}
 			}
@@ -1347,7 +1372,7 @@ func (r *redisTier) heartbeatSharded(c rueidis.Client, l *layout, since int64) {
 			cmds = append(cmds, c.B().Spublish().Channel(sh.channel).Message("h:"+r.nonce).Build())
 		}
 	}
-	ctx, cancel := context.WithTimeout(r.s.ctx, r.s.cfg.heartbeat)
+	ctx, cancel := context.WithTimeout(r.ctx, r.cfg.heartbeat)
 	c.DoMulti(ctx, cmds...)
 	cancel()
 }
@@ -1355,7 +1380,7 @@ func (r *redisTier) heartbeatSharded(c rueidis.Client, l *layout, since int64) {
 // heartbeat publishes our own heartbeat; its return through the
 // subscription proves the channel works end to end.
 func (r *redisTier) heartbeat(c rueidis.Client, sh *shard) {
-	ctx, cancel := context.WithTimeout(r.s.ctx, r.s.cfg.heartbeat)
+	ctx, cancel := context.WithTimeout(r.ctx, r.cfg.heartbeat)
 	c.Do(ctx, c.B().Publish().Channel(sh.channel).Message("h:"+r.nonce).Build())
 	cancel()
 }
@@ -1363,7 +1388,7 @@ func (r *redisTier) heartbeat(c rueidis.Client, sh *shard) {
 // handleNotice runs onMessage in the client's reader goroutine, where a
 // panic would end the process; it returns the panic as an error instead.
 func (r *redisTier) handleNotice(sh *shard, m rueidis.PubSubMessage) (err error) {
-	defer panics.Recover(r.s.log, "cache_notice_handler", &err)
+	defer panics.Recover(r.log, "cache_notice_handler", &err)
 	r.onMessage(sh, m)
 	return nil
 }
@@ -1378,17 +1403,17 @@ func (r *redisTier) onMessage(sh *shard, m rueidis.PubSubMessage) {
 		id, err1 := strconv.ParseInt(idS, 10, 64)
 		ver, err2 := strconv.ParseInt(verS, 10, 64)
 		if !ok || err1 != nil || err2 != nil {
-			r.s.log.Warn("malformed cache notice", "msg", msg)
+			r.log.Warn("malformed cache notice", "msg", msg)
 			return
 		}
-		r.s.onNotice(id, ver)
+		r.events.onNotice(id, ver)
 	case strings.HasPrefix(msg, "w:"):
 		id, err := strconv.ParseInt(msg[2:], 10, 64)
 		if err != nil {
-			r.s.log.Warn("malformed cache notice", "msg", msg)
+			r.log.Warn("malformed cache notice", "msg", msg)
 			return
 		}
-		r.s.onIntent(id)
+		r.events.onIntent(id)
 	case msg == "h:"+r.nonce:
 		sh.lastBeat.Store(time.Now().UnixNano())
 		select {
