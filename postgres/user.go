@@ -93,6 +93,13 @@ WHERE id = ANY($1)`
 	if len(ids) == 0 {
 		return nil, nil
 	}
+	if s.rt != nil {
+		users, err := s.routedUsers(ctx, s.rt.needOf(ids, after(ctx)), q, ids)
+		if err != nil {
+			return nil, fmt.Errorf("get %d users: %w", len(ids), translate(err))
+		}
+		return users, nil
+	}
 	var users []*userapi.User
 	err := s.do(ctx, func(ctx context.Context, c *pgx.Conn) error {
 		rows, err := c.Query(ctx, q, ids)
@@ -140,6 +147,20 @@ LIMIT $2`
 	limit := f.Limit
 	if limit <= 0 {
 		limit = userapi.DefaultLimit
+	}
+	if s.rt != nil {
+		need := max(userapi.Position(s.rt.newest.Load()), after(ctx))
+		var users []*userapi.User
+		var err error
+		if f.Email == "" {
+			users, err = s.routedUsers(ctx, need, q, f.AfterID, limit)
+		} else {
+			users, err = s.routedUsers(ctx, need, qEmail, f.AfterID, limit, f.Email)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("list users after %d: %w", f.AfterID, translate(err))
+		}
+		return users, nil
 	}
 	var users []*userapi.User
 	err := s.do(ctx, func(ctx context.Context, c *pgx.Conn) error {
@@ -208,9 +229,15 @@ FROM u`
 	var first *userapi.User
 	err := s.do(ctx, func(ctx context.Context, c *pgx.Conn) error {
 		if in.IdempotencyKey == "" {
-			return c.QueryRow(ctx, insert, in.Email, in.Name, now).Scan(&u.ID)
+			if err := c.QueryRow(ctx, insert, in.Email, in.Name, now).Scan(&u.ID); err != nil {
+				return err
+			}
+			return s.committed(ctx, c, u.ID)
 		}
 		err := c.QueryRow(ctx, insertWithKey, in.Email, in.Name, now, in.IdempotencyKey).Scan(&u.ID)
+		if err == nil {
+			return s.committed(ctx, c, u.ID)
+		}
 		if violated(err) == "" {
 			return err
 		}
@@ -222,6 +249,13 @@ FROM u`
 		first, lookupErr = lookupKey(ctx, c, in.IdempotencyKey)
 		if errors.Is(lookupErr, pgx.ErrNoRows) {
 			return err
+		}
+		if lookupErr == nil {
+			// The replayed create committed earlier; any position read
+			// now is past it.
+			if lookupErr = s.committed(ctx, c, first.ID); lookupErr != nil {
+				first = nil
+			}
 		}
 		return lookupErr
 	})
@@ -291,7 +325,10 @@ RETURNING
 		if errors.Is(err, pgx.ErrNoRows) {
 			return s.explainMiss(ctx, c, id)
 		}
-		return err
+		if err != nil {
+			return err
+		}
+		return s.committed(ctx, c, id)
 	})
 	switch {
 	case violated(err) == emailConstraint:
@@ -314,7 +351,10 @@ WHERE id = $1
 		if err == nil && tag.RowsAffected() == 0 {
 			return s.explainMiss(ctx, c, id)
 		}
-		return err
+		if err != nil {
+			return err
+		}
+		return s.committed(ctx, c, id)
 	})
 	if err != nil {
 		return fmt.Errorf("delete user %d: %w", id, translate(err))
@@ -341,6 +381,14 @@ SELECT EXISTS (
 		return userapi.ErrNotFound
 	}
 	return userapi.ErrVersionMismatch
+}
+
+// after returns the session token the read must reflect, if any.
+func after(ctx context.Context) userapi.Position {
+	if sess := userapi.SessionFrom(ctx); sess != nil {
+		return sess.After
+	}
+	return 0
 }
 
 // violated returns the name of the unique constraint err violates, or "".
