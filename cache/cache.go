@@ -230,6 +230,7 @@ type Store struct {
 var (
 	_ userapi.Store         = (*Store)(nil)
 	_ userapi.EncodedReader = (*Store)(nil)
+	_ userapi.ReplicaReader = (*Store)(nil)
 )
 
 // New returns a Store in front of store. With Mode off and Coalesce off it
@@ -367,6 +368,13 @@ func (s *Store) Close() error {
 // open, so a Redis outage does not make the service unready.
 func (s *Store) Ping(ctx context.Context) error { return s.store.Ping(ctx) }
 
+// ReadsReplicas reports whether the store below reads from replicas
+// (userapi.ReplicaReader), so the HTTP layer carries session tokens.
+func (s *Store) ReadsReplicas() bool {
+	rr, ok := s.store.(userapi.ReplicaReader)
+	return ok && rr.ReadsReplicas()
+}
+
 // ListUsers is not cached: pages change with every create and delete.
 func (s *Store) ListUsers(ctx context.Context, f userapi.UserFilter) ([]*userapi.User, error) {
 	return s.store.ListUsers(ctx, f)
@@ -492,6 +500,9 @@ func (s *Store) lookupRedis(batch []*call, rs readStart, hits, rest []*call) ([]
 			continue
 		case e == nil || e.kind.guards():
 			s.m.redisMiss.Inc()
+			if e != nil {
+				c.guard = e
+			}
 			rest = append(rest, c)
 			continue
 		}

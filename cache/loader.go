@@ -32,6 +32,9 @@ type loader struct {
 	s        *Store
 	maxBatch int
 	timeout  time.Duration
+	// replicas: the store may answer from a replica (see reread), so calls
+	// carry their session's position and are marked when taken.
+	replicas bool
 
 	mu       sync.Mutex
 	inflight map[int64]*call
@@ -56,6 +59,15 @@ type call struct {
 	user *userapi.User // result: the row, or
 	enc  userapi.Encoded
 	err  error // ErrNotFound, or the load's error
+
+	// With replicas only. need is the highest session position of the
+	// callers (set under loader.mu until taken); taken is set, under
+	// loader.mu, when a worker has taken the call into a batch, after which
+	// a caller needing more does not join it. guard is the tombstone or
+	// intent the batch's Redis lookup found for the id.
+	need  userapi.Position
+	taken bool
+	guard *entry
 }
 
 // queueLen bounds the calls waiting for a worker. Calls beyond it wait in
@@ -72,6 +84,9 @@ func newLoader(s *Store, workers, maxBatch int, timeout time.Duration) *loader {
 		freed:      make(chan struct{}, 1),
 		gatherWait: maxGatherWait,
 		done:       make(chan struct{}),
+	}
+	if rr, ok := s.store.(userapi.ReplicaReader); ok && rr.ReadsReplicas() {
+		l.replicas = true
 	}
 	for range workers {
 		l.workers.Go(panics.Loop(s.ctx, s.log, "cache_loader", l.work))
@@ -91,10 +106,25 @@ func (l *loader) load(ctx context.Context, id int64) (*call, error) {
 		}
 		defer done()
 	}
+	var need userapi.Position
+	if l.replicas {
+		if sess := userapi.SessionFrom(ctx); sess != nil {
+			need = sess.After
+		}
+	}
 	l.mu.Lock()
 	c, joined := l.inflight[id]
+	if joined && need > c.need {
+		if c.taken {
+			// Its read may already be under way on a replica that has
+			// not replayed what this caller needs.
+			joined = false
+		} else {
+			c.need = need
+		}
+	}
 	if !joined {
-		c = &call{id: id, done: make(chan struct{})}
+		c = &call{id: id, done: make(chan struct{}), need: need}
 		l.inflight[id] = c
 	}
 	l.mu.Unlock()
@@ -207,7 +237,13 @@ func (l *loader) run(batch, hits, rest []*call, ids []int64) {
 	l.s.m.batchSize.Observe(float64(len(rest)))
 	ctx, cancel := context.WithTimeout(l.s.ctx, l.timeout)
 	defer cancel()
-	users, err := l.s.store.GetUsers(ctx, ids)
+	var users []*userapi.User
+	var err error
+	if l.replicas {
+		users, err = l.loadRouted(ctx, rest, ids)
+	} else {
+		users, err = l.s.store.GetUsers(ctx, ids)
+	}
 	if err != nil {
 		l.s.m.loadErrors.Inc()
 		if errors.Is(err, context.Canceled) && l.s.ctx.Err() != nil {
@@ -277,6 +313,13 @@ fill:
 				return nil
 			}
 		}
+	}
+	if l.replicas {
+		l.mu.Lock()
+		for _, c := range batch {
+			c.taken = true
+		}
+		l.mu.Unlock()
 	}
 	l.busy.Add(1)
 	return batch

@@ -34,6 +34,8 @@ import (
 var (
 	_ userapi.Store  = (*Store)(nil)
 	_ userapi.Seeder = (*Store)(nil)
+
+	_ userapi.ReplicaReader = (*Store)(nil)
 )
 
 //go:embed migrations/*.sql
