@@ -77,7 +77,7 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 		defer limiter.Close()
 	}
 
-	late := &lateStore{}
+	late := &lateStore{replicas: len(c.Replicas) > 0}
 	lateAuth := &lateAuth{}
 	ls, err := startListeners(c, late, lateAuth, limiter, reg, log)
 	if err != nil {
