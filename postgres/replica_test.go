@@ -1,0 +1,136 @@
+package postgres_test
+
+import (
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"userapi"
+	"userapi/internal/pgtest"
+	"userapi/postgres"
+)
+
+// openReplicated opens a store on a primary of the test's own with one
+// streaming replica applying commits delay late.
+func openReplicated(t *testing.T, delay time.Duration) (s *postgres.Store, primary, replica string) {
+	t.Helper()
+	primary, replica = pgtest.StreamingPair(t, delay)
+	s, err := postgres.Open(testContext(t), primary, postgres.Options{
+		Migrate: true, MaxConns: 4, Replicas: []string{replica}, ReplicaMaxLag: 5 * time.Second,
+	})
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s, primary, replica
+}
+
+// read runs GetUsers with a session and reports what it returned and
+// whether a replica served it.
+func read(t *testing.T, s *postgres.Store, after userapi.Position, ids ...int64) (map[int64]int64, bool) {
+	t.Helper()
+	sess := &userapi.Session{After: after}
+	users, err := s.GetUsers(userapi.WithSession(testContext(t), sess), ids)
+	if err != nil {
+		t.Fatalf("GetUsers: %v", err)
+	}
+	got := map[int64]int64{}
+	for _, u := range users {
+		got[u.ID] = u.Version
+	}
+	return got, sess.Replica
+}
+
+// TestReplicaRouting: with a replica 300 ms behind, a read of a row just
+// written goes to the primary (the replica has not replayed the write);
+// reads of other rows, and of the row once the replica has caught up, go
+// to the replica; a session token from elsewhere (another instance's
+// write) sends reads to the primary until the replica has replayed it. The
+// lag and the reads by server are exported.
+func TestReplicaRouting(t *testing.T) {
+	s, primary, replica := openReplicated(t, 300*time.Millisecond)
+	ctx := testContext(t)
+	sess := &userapi.Session{}
+	a, _, err := s.CreateUser(userapi.WithSession(ctx, sess), userapi.UserCreate{Email: "a@example.com", Name: "A"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sess.Wrote == 0 {
+		t.Fatal("a create returned no commit position")
+	}
+	got, onReplica := read(t, s, 0, a.ID)
+	if onReplica || got[a.ID] != 1 {
+		t.Fatalf("read right after the create: %v, served by the replica: %v; want version 1 from the primary", got, onReplica)
+	}
+	eventually(t, 10*time.Second, "a read of the created row served by the replica", func() bool {
+		got, onReplica := read(t, s, 0, a.ID)
+		if got[a.ID] != 1 {
+			t.Fatalf("read %v, want version 1", got)
+		}
+		return onReplica
+	})
+
+	// Another instance's write: only its token tells this store of it.
+	other, err := postgres.Open(ctx, primary, postgres.Options{MaxConns: 2, Replicas: []string{replica}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	osess := &userapi.Session{}
+	name := "A2"
+	if _, err := other.UpdateUser(userapi.WithSession(ctx, osess), a.ID, userapi.UserUpdate{Name: &name}); err != nil {
+		t.Fatal(err)
+	}
+	if osess.Wrote <= sess.Wrote {
+		t.Fatalf("the update's position %v is not past the create's %v", osess.Wrote, sess.Wrote)
+	}
+	got, onReplica = read(t, s, osess.Wrote, a.ID)
+	if onReplica || got[a.ID] != 2 {
+		t.Fatalf("read with the other instance's token: %v, served by the replica: %v; want version 2 from the primary", got, onReplica)
+	}
+	eventually(t, 10*time.Second, "a read with the token served by the replica once it has replayed the write", func() bool {
+		got, onReplica := read(t, s, osess.Wrote, a.ID)
+		if got[a.ID] != 2 {
+			t.Fatalf("read %v with the token, want version 2", got)
+		}
+		return onReplica
+	})
+
+	reg := prometheus.NewPedanticRegistry()
+	s.RegisterMetrics(reg)
+	n, err := testutil.GatherAndCount(reg, "userapi_db_replica_lag_bytes", "userapi_db_replica_lag_seconds", "userapi_db_replica_up",
+		"userapi_db_reads_total", "userapi_db_replica_fallbacks_total")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != 3+2+4 {
+		t.Errorf("%d replica series, want 9 (lag bytes, lag seconds, up, reads by primary and by the replica, 4 fallback reasons)", n)
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "userapi_db_reads_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if m.GetCounter().GetValue() == 0 {
+				t.Errorf("userapi_db_reads_total %v is 0", m.GetLabel())
+			}
+		}
+	}
+}
+
+func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("after %v: %s", d, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
