@@ -26,7 +26,7 @@ import (
 // and at least the client's session token (userapi.Session.After):
 //
 //   - every write records the primary's WAL flush position right after its
-//     commit, on the same connection (committed). Synchronous commit means
+//     commit, in the same round trip (writeRow). Synchronous commit means
 //     the commit record is flushed when COMMIT returns, so that position is
 //     at or past the commit;
 //   - a write acknowledged less than the horizon (the lag bound) ago is
@@ -349,15 +349,13 @@ func (rt *routing) pollLoop(ctx context.Context, cc *pgx.ConnConfig, query strin
 			got(*pos, time.Now())
 			return nil
 		}()
-		wait := time.Duration(0)
 		if err != nil && ctx.Err() == nil {
 			rt.pollErrors.Add(1)
-			wait = pollBackoff
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(wait):
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(pollBackoff):
+			}
 		}
 		select {
 		case <-ctx.Done():
@@ -456,9 +454,80 @@ func (s *Store) replicaUsers(ctx context.Context, r *replica, need userapi.Posit
 	return users, true, br.Close()
 }
 
-// committed records, after a write of id committed on c, the position a
-// read must reach to see it: for the routing of later reads, and as the
-// session's token. Without replicas it does nothing (no query).
+// writeRow runs q, a write returning at most one row, and hands the row to
+// scan (pgx.ErrNoRows when there is none). With replicas it also returns
+// the position a read must reach to see the write: COMMIT and the position
+// query are pipelined behind the statement, in the same round trip, so the
+// statement's implicit transaction commits at the COMMIT (synchronous
+// commit: its commit record is flushed before the next statement runs)
+// and the flush position read after it is at or past the commit. When the
+// statement fails the server skips the rest and rolls back, as it would
+// for the statement alone. Without replicas it is the statement alone.
+func (s *Store) writeRow(ctx context.Context, c *pgx.Conn, scan func(pgx.Row) error, q string, args ...any) (userapi.Position, error) {
+	if s.rt == nil {
+		return 0, scan(c.QueryRow(ctx, q, args...))
+	}
+	var b pgx.Batch
+	b.Queue(q, args...)
+	b.Queue("COMMIT")
+	b.Queue(positionQuery)
+	br := c.SendBatch(ctx, &b)
+	defer br.Close()
+	if err := scan(br.QueryRow()); err != nil {
+		return 0, err
+	}
+	return s.commitPosition(br)
+}
+
+// writeExec is writeRow for a statement that returns no rows: it returns
+// the rows affected.
+func (s *Store) writeExec(ctx context.Context, c *pgx.Conn, q string, args ...any) (int64, userapi.Position, error) {
+	if s.rt == nil {
+		tag, err := c.Exec(ctx, q, args...)
+		return tag.RowsAffected(), 0, err
+	}
+	var b pgx.Batch
+	b.Queue(q, args...)
+	b.Queue("COMMIT")
+	b.Queue(positionQuery)
+	br := c.SendBatch(ctx, &b)
+	defer br.Close()
+	tag, err := br.Exec()
+	if err != nil {
+		return 0, 0, err
+	}
+	pos, err := s.commitPosition(br)
+	return tag.RowsAffected(), pos, err
+}
+
+// commitPosition reads the results of the COMMIT and the position query
+// of writeRow's pipeline.
+func (s *Store) commitPosition(br pgx.BatchResults) (userapi.Position, error) {
+	if _, err := br.Exec(); err != nil {
+		return 0, err
+	}
+	var pos int64
+	if err := br.QueryRow().Scan(&pos); err != nil {
+		return 0, fmt.Errorf("read commit position: %w", err)
+	}
+	return userapi.Position(pos), br.Close()
+}
+
+// acked records a write of id, committed at pos, as acknowledged: for the
+// routing of later reads, and as the session's token. Without replicas it
+// does nothing.
+func (s *Store) acked(ctx context.Context, id int64, pos userapi.Position) {
+	if s.rt == nil {
+		return
+	}
+	s.rt.acked(id, pos)
+	if sess := userapi.SessionFrom(ctx); sess != nil {
+		sess.Wrote = max(sess.Wrote, pos)
+	}
+}
+
+// committed reads the primary's position on c after a write of id that
+// committed earlier (a replayed create), and records it as acked does.
 func (s *Store) committed(ctx context.Context, c *pgx.Conn, id int64) error {
 	if s.rt == nil {
 		return nil
@@ -467,9 +536,6 @@ func (s *Store) committed(ctx context.Context, c *pgx.Conn, id int64) error {
 	if err := c.QueryRow(ctx, positionQuery).Scan(&pos); err != nil {
 		return fmt.Errorf("read commit position: %w", err)
 	}
-	s.rt.acked(id, userapi.Position(pos))
-	if sess := userapi.SessionFrom(ctx); sess != nil {
-		sess.Wrote = max(sess.Wrote, userapi.Position(pos))
-	}
+	s.acked(ctx, id, userapi.Position(pos))
 	return nil
 }

@@ -1,6 +1,8 @@
 package postgres_test
 
 import (
+	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -10,6 +12,7 @@ import (
 	"userapi"
 	"userapi/internal/pgtest"
 	"userapi/postgres"
+	"userapi/storetest"
 )
 
 // openReplicated opens a store on a primary of the test's own with one
@@ -133,4 +136,76 @@ func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+}
+
+// TestConformanceWithReplica runs the conformance suite on stores that read
+// from a replica applying commits as soon as they arrive; the writes go
+// through the pipelined commit-position path. After each case, once the
+// replica has caught up, a list and a batched read served by the replica
+// equal the primary's.
+func TestConformanceWithReplica(t *testing.T) {
+	primary := pgtest.StartPrimary(t)
+	replica := pgtest.StartReplica(t, primary, 0)
+	n := 0
+	storetest.Run(t, func(t *testing.T) userapi.Store {
+		n++
+		db := fmt.Sprintf("conformance_%d", n)
+		pgtest.Exec(t, primary.URL("postgres"), "CREATE DATABASE "+db)
+		s, err := postgres.Open(testContext(t), primary.URL(db), postgres.Options{
+			Migrate: true, MaxConns: 8, Replicas: []string{replica.URL(db)},
+		})
+		if err != nil {
+			t.Fatalf("Open: %v", err)
+		}
+		t.Cleanup(func() { s.Close() })
+		t.Cleanup(func() { sameOnReplica(t, s) })
+		return s
+	})
+}
+
+// sameOnReplica waits until a list of every user and a batched read of
+// them are served by the replica, and checks them against the primary's.
+func sameOnReplica(t *testing.T, s *postgres.Store) {
+	t.Helper()
+	ctx := testContext(t)
+	onPrimary := userapi.WithSession(ctx, &userapi.Session{Primary: true})
+	want, err := s.ListUsers(onPrimary, userapi.UserFilter{Limit: userapi.MaxLimit})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids := []int64{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}
+	wantBatch, err := s.GetUsers(onPrimary, ids)
+	if err != nil {
+		t.Fatal(err)
+	}
+	encode := func(us []*userapi.User) string {
+		slices.SortFunc(us, func(a, b *userapi.User) int { return int(a.ID - b.ID) })
+		var b []byte
+		for _, u := range us {
+			b = u.AppendJSON(b)
+		}
+		return string(b)
+	}
+	eventually(t, 10*time.Second, "a list served by the replica", func() bool {
+		sess := &userapi.Session{}
+		got, err := s.ListUsers(userapi.WithSession(ctx, sess), userapi.UserFilter{Limit: userapi.MaxLimit})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if sess.Replica && encode(got) != encode(want) {
+			t.Fatalf("the replica lists %s; the primary %s", encode(got), encode(want))
+		}
+		return sess.Replica
+	})
+	eventually(t, 10*time.Second, "a batched read served by the replica", func() bool {
+		sess := &userapi.Session{}
+		got, err := s.GetUsers(userapi.WithSession(ctx, sess), ids)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if sess.Replica && encode(got) != encode(wantBatch) {
+			t.Fatalf("the replica has %s; the primary %s", encode(got), encode(wantBatch))
+		}
+		return sess.Replica
+	})
 }

@@ -228,15 +228,18 @@ FROM u`
 	u := &userapi.User{Email: in.Email, Name: in.Name, CreatedAt: now, UpdatedAt: now, Version: 1}
 	var first *userapi.User
 	err := s.do(ctx, func(ctx context.Context, c *pgx.Conn) error {
+		scanID := func(r pgx.Row) error { return r.Scan(&u.ID) }
 		if in.IdempotencyKey == "" {
-			if err := c.QueryRow(ctx, insert, in.Email, in.Name, now).Scan(&u.ID); err != nil {
-				return err
+			pos, err := s.writeRow(ctx, c, scanID, insert, in.Email, in.Name, now)
+			if err == nil {
+				s.acked(ctx, u.ID, pos)
 			}
-			return s.committed(ctx, c, u.ID)
+			return err
 		}
-		err := c.QueryRow(ctx, insertWithKey, in.Email, in.Name, now, in.IdempotencyKey).Scan(&u.ID)
+		pos, err := s.writeRow(ctx, c, scanID, insertWithKey, in.Email, in.Name, now, in.IdempotencyKey)
 		if err == nil {
-			return s.committed(ctx, c, u.ID)
+			s.acked(ctx, u.ID, pos)
+			return nil
 		}
 		if violated(err) == "" {
 			return err
@@ -321,14 +324,15 @@ RETURNING
 	version`
 	u := new(userapi.User)
 	err := s.do(ctx, func(ctx context.Context, c *pgx.Conn) error {
-		err := scanUser(c.QueryRow(ctx, q, id, upd.Email, upd.Name, userapi.Now(), upd.IfVersion), u)
+		pos, err := s.writeRow(ctx, c, func(r pgx.Row) error { return scanUser(r, u) },
+			q, id, upd.Email, upd.Name, userapi.Now(), upd.IfVersion)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return s.explainMiss(ctx, c, id)
 		}
-		if err != nil {
-			return err
+		if err == nil {
+			s.acked(ctx, id, pos)
 		}
-		return s.committed(ctx, c, id)
+		return err
 	})
 	switch {
 	case violated(err) == emailConstraint:
@@ -347,14 +351,14 @@ DELETE FROM users
 WHERE id = $1
 	AND ($2 = 0 OR version = $2)`
 	err := s.do(ctx, func(ctx context.Context, c *pgx.Conn) error {
-		tag, err := c.Exec(ctx, q, id, ifVersion)
-		if err == nil && tag.RowsAffected() == 0 {
+		n, pos, err := s.writeExec(ctx, c, q, id, ifVersion)
+		if err == nil && n == 0 {
 			return s.explainMiss(ctx, c, id)
 		}
-		if err != nil {
-			return err
+		if err == nil {
+			s.acked(ctx, id, pos)
 		}
-		return s.committed(ctx, c, id)
+		return err
 	})
 	if err != nil {
 		return fmt.Errorf("delete user %d: %w", id, translate(err))
