@@ -254,9 +254,11 @@ func (rt *routing) fellBack(reason string) {
 }
 
 const (
-	// replayQuery reads a replica's replay position as a number (NULL on a
-	// server that is not in recovery, which is then never used).
-	replayQuery = `SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint`
+	// replayQuery reads a replica's replay position as a number: NULL on a
+	// server that is not in recovery (started as a primary, or promoted,
+	// where the last replayed position stays put while its own writes go
+	// on), which is then never used.
+	replayQuery = `SELECT CASE WHEN pg_is_in_recovery() THEN (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint END`
 	// positionQuery reads the primary's WAL flush position.
 	positionQuery = `SELECT (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::bigint`
 )

@@ -3,7 +3,9 @@ package postgres_test
 import (
 	"context"
 	"fmt"
+	neturl "net/url"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -278,5 +280,40 @@ func BenchmarkCommitPosition(b *testing.B) {
 		slices.Sort(took[i])
 		b.ReportMetric(float64(took[i][len(took[i])/2].Microseconds()), v.name+"-p50-µs")
 		b.ReportMetric(float64(took[i][len(took[i])*9/10].Microseconds()), v.name+"-p90-µs")
+	}
+}
+
+// TestReplicaNotInRecovery: a "replica" that is not in recovery (here the
+// primary itself, as a promoted replica or a wrong URL would be) serves no
+// read, and says so in userapi_db_replica_up.
+func TestReplicaNotInRecovery(t *testing.T) {
+	url := newDatabase(t)
+	s, err := postgres.Open(testContext(t), url, postgres.Options{Migrate: true, Replicas: []string{url}, ReplicaPoll: time.Millisecond})
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	defer s.Close()
+	sess := &userapi.Session{}
+	u, _, err := s.CreateUser(userapi.WithSession(testContext(t), sess), userapi.UserCreate{Email: "n@example.com", Name: "N"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sess.Wrote == 0 {
+		t.Fatal("no commit position")
+	}
+	time.Sleep(50 * time.Millisecond) // many polls
+	for range 10 {
+		got, onReplica := read(t, s, 0, u.ID)
+		if onReplica || got[u.ID] != 1 {
+			t.Fatalf("read %v, served by the replica: %v", got, onReplica)
+		}
+	}
+	reg := prometheus.NewPedanticRegistry()
+	s.RegisterMetrics(reg)
+	want := "# HELP userapi_db_replica_up 1 when the replica's replay position was read within the lag bound and its lag is within it (it may serve reads).\n# TYPE userapi_db_replica_up gauge\n"
+	u2, _ := neturl.Parse(url)
+	want += fmt.Sprintf("userapi_db_replica_up{replica=%q} 0\n", u2.Host)
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "userapi_db_replica_up"); err != nil {
+		t.Error(err)
 	}
 }
