@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -8,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 
 	"userapi"
 	"userapi/internal/pgtest"
@@ -23,6 +26,25 @@ func TestServeWithReplica(t *testing.T) {
 	primary, replica := pgtest.StreamingPair(t, 300*time.Millisecond)
 	a, logs, _ := startService(t, nil, "--db", primary, "--db-replica", replica, "--migrate", "--cache", "local")
 	key := firstKey(t, logs)
+	// Until the replica has replayed the migrations, its reads fail and go
+	// to the primary; wait, so that the reads below could go to it.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := pgx.Connect(context.Background(), replica)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var n int
+		err = c.QueryRow(context.Background(), "SELECT count(*) FROM api_keys").Scan(&n)
+		c.Close(context.Background())
+		if err == nil && n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the replica has no api key after 10s: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	b, _, _ := startService(t, map[string]string{"USERAPI_DB_REPLICA": replica}, "--db", primary, "--cache", "local")
 
 	resp := do(t, "POST", a+"/users", key, `{"email":"r@example.com","name":"R"}`)
