@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -144,6 +145,8 @@ func openReplicas(urls []string, primary *pgx.ConnConfig, opts Options) (*routin
 		// snapshot, the query's after the check. A server default of
 		// REPEATABLE READ would take one snapshot before the check.
 		cc.RuntimeParams["default_transaction_isolation"] = "read committed"
+		// As many connections as the primary's pool: a replica takes the
+		// same reads the primary would, at most as many at once.
 		cfg.MaxConns = int32(opts.MaxConns)
 		pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
 		if err != nil {
@@ -203,9 +206,9 @@ func (rt *routing) expire(now time.Time) {
 		}
 		n++
 	}
-	if n > 0 {
-		rt.acks = append(rt.acks[:0], rt.acks[n:]...)
-	}
+	// Reslicing, not copying: append reallocates once the front is used
+	// up, and then copies only what is left.
+	rt.acks = rt.acks[n:]
 }
 
 // needOf returns the position a read of ids must reflect: every write of
@@ -283,9 +286,7 @@ func (rt *routing) pollPrimary(ctx context.Context) {
 		for k < len(rt.samples)-1 && now.Sub(rt.samples[k].last) > time.Minute {
 			k++
 		}
-		if k > 0 {
-			rt.samples = append(rt.samples[:0], rt.samples[k:]...)
-		}
+		rt.samples = rt.samples[k:]
 		rt.smu.Unlock()
 	})
 }
@@ -306,15 +307,15 @@ func (rt *routing) pollReplica(ctx context.Context, r *replica) {
 func (rt *routing) lagOf(pos userapi.Position, now time.Time) time.Duration {
 	rt.smu.Lock()
 	defer rt.smu.Unlock()
-	for i, s := range rt.samples {
-		if s.pos > pos {
-			if i == 0 {
-				return now.Sub(s.first)
-			}
-			return now.Sub(rt.samples[i-1].last)
-		}
+	// Samples ascend in position: find the first the replica lacks.
+	i := sort.Search(len(rt.samples), func(i int) bool { return rt.samples[i].pos > pos })
+	switch {
+	case i == len(rt.samples):
+		return 0
+	case i == 0:
+		return now.Sub(rt.samples[0].first)
 	}
-	return 0
+	return now.Sub(rt.samples[i-1].last)
 }
 
 // pollLoop runs query on a connection of its own to cc every interval and
