@@ -34,6 +34,15 @@ const (
 	// JWKS; the provider's Cache-Control may make it longer (up to a day).
 	DefaultJWKSRefresh = 15 * time.Minute
 
+	// jwksRefetchInterval is the least interval between the fetches that a
+	// token naming an unknown kid forces: a provider that rotates its key
+	// is followed at once, a stream of forged kids costs one fetch per
+	// interval.
+	jwksRefetchInterval = 30 * time.Second
+
+	// jwksRefetchRetry is the wait after a forced fetch that failed.
+	jwksRefetchRetry = time.Second
+
 	// maxCachedTokens bounds the cache of verified tokens.
 	maxCachedTokens = 100_000
 )
@@ -56,11 +65,12 @@ func (c JWTConfig) Enabled() bool { return c.JWKSURL != "" || c.PublicKeyFile !=
 // expire, so a client sending the same token again costs a hash and a
 // lookup.
 type jwtVerifier struct {
-	cfg   JWTConfig
-	algs  []jwa.SignatureAlgorithm // pinned; the token's header must name one
-	keys  func(context.Context) (jwk.Set, error)
-	seed  maphash.Seed
-	cache *otter.Cache[uint64, *tokenEntry]
+	cfg     JWTConfig
+	algs    []jwa.SignatureAlgorithm // pinned; the token's header must name one
+	keys    func(context.Context) (jwk.Set, error)
+	refetch *refetcher // nil for a key file
+	seed    maphash.Seed
+	cache   *otter.Cache[uint64, *tokenEntry]
 }
 
 type tokenEntry struct {
@@ -116,6 +126,19 @@ func newJWTVerifier(ctx context.Context, cfg JWTConfig) (*jwtVerifier, error) {
 			return nil, fmt.Errorf("%w: jwks %s: %w", userapi.ErrUnavailable, cfg.JWKSURL, err)
 		}
 		return set, nil
+	}
+	v.refetch = &refetcher{
+		fetch: func(ctx context.Context) (jwk.Set, error) {
+			set, err := jc.Refresh(ctx, cfg.JWKSURL)
+			if err != nil {
+				return nil, fmt.Errorf("%w: jwks %s: %w", userapi.ErrUnavailable, cfg.JWKSURL, err)
+			}
+			return set, nil
+		},
+		cached:   v.keys,
+		interval: jwksRefetchInterval,
+		retry:    jwksRefetchRetry,
+		sem:      make(chan struct{}, 1),
 	}
 	return v, nil
 }
@@ -211,6 +234,72 @@ func (v *jwtVerifier) fetchKeys(ctx context.Context, sink jws.KeySink, sig *jws.
 		return err
 	}
 	kid, _ := hdr.KeyID()
+	if offerKeys(sink, set, alg, kid) > 0 || kid == "" || v.refetch == nil {
+		return nil
+	}
+	// A kid the set does not have: the provider may have rotated its key.
+	set, err = v.refetch.keys(ctx)
+	if err != nil {
+		return err
+	}
+	offerKeys(sink, set, alg, kid)
+	return nil
+}
+
+// refetcher fetches the JWKS out of its schedule, for a token whose kid the
+// set lacks. One fetch runs at a time, and the requests that need one
+// meanwhile wait for it and use its set. After a fetch that succeeded the
+// next waits interval: a stream of made-up kids costs the provider one
+// request per interval, and in the worst case (such a stream, or a token of
+// a new key that comes before the provider publishes it) a rotation is
+// followed an interval late. After a failure the next waits only retry,
+// and the token gets ErrUnavailable (503), not a 401: its key could not be
+// checked.
+type refetcher struct {
+	fetch    func(context.Context) (jwk.Set, error) // the provider's set, now
+	cached   func(context.Context) (jwk.Set, error) // the set held
+	interval time.Duration
+	retry    time.Duration
+	sem      chan struct{} // a token while a fetch runs (capacity 1)
+	next     time.Time     // no fetch before; guarded by sem
+	failed   error         // the last fetch's error, until next; guarded by sem
+}
+
+// jwksFetchTimeout bounds one out-of-schedule fetch. The fetch does not end
+// with the request that started it: the requests waiting for it are served
+// by its result.
+const jwksFetchTimeout = 5 * time.Second
+
+// keys returns the provider's set as fresh as the schedule above allows.
+func (r *refetcher) keys(ctx context.Context) (jwk.Set, error) {
+	select {
+	case r.sem <- struct{}{}:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("%w: waiting for the jwks: %w", userapi.ErrUnavailable, ctx.Err())
+	}
+	defer func() { <-r.sem }()
+	if time.Now().Before(r.next) {
+		// Fetched a moment ago, perhaps while this request waited.
+		if r.failed != nil {
+			return nil, r.failed
+		}
+		return r.cached(ctx)
+	}
+	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), jwksFetchTimeout)
+	defer cancel()
+	set, err := r.fetch(fctx)
+	if err != nil {
+		r.next, r.failed = time.Now().Add(r.retry), err
+		return nil, err
+	}
+	r.next, r.failed = time.Now().Add(r.interval), nil
+	return set, nil
+}
+
+// offerKeys offers the keys of set that may have made a signature with alg
+// and kid, and returns how many it offered.
+func offerKeys(sink jws.KeySink, set jwk.Set, alg jwa.SignatureAlgorithm, kid string) int {
+	n := 0
 	for i := range set.Len() {
 		key, _ := set.Key(i)
 		if id, ok := key.KeyID(); kid != "" && (!ok || id != kid) {
@@ -223,8 +312,9 @@ func (v *jwtVerifier) fetchKeys(ctx context.Context, sink jws.KeySink, sig *jws.
 			continue
 		}
 		sink.Key(alg, key)
+		n++
 	}
-	return nil
+	return n
 }
 
 func (v *jwtVerifier) pinned(alg jwa.SignatureAlgorithm) bool {

@@ -25,6 +25,14 @@
 # the intended send time; at a rate the server sustains they should agree.
 # The last lines give, per rate, the median and range of the per-round
 # ratios, and how many rounds agree within 20 % or 0.1 ms.
+# With DELAY set (e.g. DELAY=1ms) and no URL, the server is fixedserver
+# --delay DELAY instead (bench/cmd/fixedserver: every answer leaves exactly
+# DELAY after its handler starts, to within the wake-up time of a free
+# core: internal/pace), so each generator's figures can be
+# read against a known latency: what a generator reports above DELAY is its
+# own (and the loopback's) time.
+# The service runs with --auth off and --rate-limit off: the comparison is
+# between generators, and both send the same bare requests.
 # Needs go, python3, bc and curl.
 set -eu
 
@@ -56,19 +64,31 @@ if [ -z "$vegeta" ]; then
 	vegeta=$tmp/bin/vegeta
 fi
 
-if [ -z "$url" ]; then
-	db="sqlite:$tmp/users.db"
-	"$userapi" migrate --db "$db" >"$tmp/migrate.log" 2>&1
-	"$userapi" seed --db "$db" --users "$ids" >"$tmp/seed.log" 2>&1
+# start NAME PATH COMMAND...: run the server on a free port and wait until
+# PATH answers.
+start() {
+	name=$1 path=$2
+	shift 2
 	port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-	"$userapi" serve --db "$db" --cache local --addr "127.0.0.1:$port" --log-level error >"$tmp/serve.log" 2>&1 &
+	"$@" --addr "127.0.0.1:$port" >"$tmp/serve.log" 2>&1 &
 	srv_pid=$!
 	url="http://127.0.0.1:$port"
 	for _ in $(seq 50); do
-		curl -sf "$url/readyz" >/dev/null 2>&1 && break
+		curl -sf "$url$path" >/dev/null 2>&1 && return
 		sleep 0.2
 	done
-	curl -sf "$url/readyz" >/dev/null || { echo "compare-vegeta: the server did not become ready:" >&2; cat "$tmp/serve.log" >&2; exit 1; }
+	echo "compare-vegeta: $name did not become ready:" >&2
+	cat "$tmp/serve.log" >&2
+	exit 1
+}
+if [ -z "$url" ] && [ -n "${DELAY:-}" ]; then
+	go build -o "$tmp/fixedserver" ./bench/cmd/fixedserver
+	start fixedserver /users/1 "$tmp/fixedserver" --delay "$DELAY"
+elif [ -z "$url" ]; then
+	db="sqlite:$tmp/users.db"
+	"$userapi" migrate --db "$db" >"$tmp/migrate.log" 2>&1
+	"$userapi" seed --db "$db" --users "$ids" >"$tmp/seed.log" 2>&1
+	start userapi /readyz "$userapi" serve --db "$db" --cache local --log-level error --auth off --rate-limit off
 fi
 i=1
 while [ "$i" -le "$ids" ]; do echo "GET $url/users/$i"; i=$((i + 1)); done >"$tmp/targets"
@@ -88,7 +108,7 @@ print(l["p50"], l["p90"], l["p99"], g["p50"], g["p99"], t["errors"])' "$tmp/benc
 	b_p50=$1 b_p90=$2 b_p99=$3 b_lag50=$4 b_lag99=$5 b_err=$6
 }
 
-echo "server $url, $rounds rounds of ${secs}s at $rates req/s, $conns connections, $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "server $url${DELAY:+ (fixedserver --delay $DELAY)}, $rounds rounds of ${secs}s at $rates req/s, $conns connections, $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%-5s %6s   %7s %7s %7s   %7s %7s %7s   %7s %7s   %6s %6s  %s\n' \
 	round rate "v p50" "v p90" "v p99" "b p50" "b p90" "b p99" "lag p50" "lag p99" "p50" "p99" errors
 r=1

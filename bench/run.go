@@ -20,6 +20,8 @@ import (
 	"syscall"
 	"time"
 
+	"userapi/internal/pace"
+
 	"github.com/valyala/fasthttp"
 )
 
@@ -100,7 +102,7 @@ type sender struct {
 	conn     net.Conn // written by the sender under wmu; nil when not connected
 
 	// pacer waits for intended send times; open loop only.
-	pacer *pacer
+	pacer *pace.Pacer
 
 	mu  sync.Mutex
 	buf []sample // guarded by mu; swapped out by the collector
@@ -460,7 +462,7 @@ func (r *run) openLoop(s *sender) {
 		if int64(time.Since(r.t0)) >= r.hardStop {
 			return // the rest of the schedule is reported as unsent
 		}
-		if !s.pacer.waitUntil(r.t0, intended) {
+		if !s.pacer.WaitUntil(r.t0, intended) {
 			return // stopped
 		}
 		smp := s.do(s.pick.op(), intended, int64(time.Since(r.t0)), r.t0)
@@ -556,7 +558,7 @@ func Run(ctx context.Context, cfg Config, progress io.Writer) (*Result, error) {
 
 	if cfg.Mode() == OpenLoop {
 		for _, s := range senders {
-			if s.pacer, err = newPacer(); err != nil {
+			if s.pacer, err = pace.New(); err != nil {
 				closePacers(senders)
 				return nil, fmt.Errorf("bench: %w", err)
 			}
@@ -610,7 +612,7 @@ loop:
 			r.stop.Store(true)
 			for _, s := range senders {
 				if s.pacer != nil {
-					s.pacer.stop()
+					s.pacer.Stop()
 				}
 			}
 			// Fail what is in flight, and keep doing so for requests a
@@ -655,7 +657,7 @@ loop:
 func closePacers(senders []*sender) {
 	for _, s := range senders {
 		if s.pacer != nil {
-			_ = s.pacer.close()
+			_ = s.pacer.Close()
 		}
 	}
 }

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"userapi/internal/pace"
+
 	"github.com/valyala/fasthttp"
 )
 
@@ -396,31 +398,18 @@ func TestProgressLines(t *testing.T) {
 }
 
 // fixedLatencyServer answers every request exactly d after its handler
-// starts. It sleeps on a pacer until 200 µs before that (a Go sleep would end
-// up to a millisecond late, see pace.go), then spins to the microsecond. It
-// does not spin the whole d: on a loaded machine a thread that burns its
-// time slice waits behind the other processes, while one that mostly sleeps
-// runs as soon as it wakes, and the server must keep its latency. A pacer
-// that woke late would make the server late, which the test would see.
+// starts (pace.Hold: a sleep on a pacer, the last 50 µs spun; a Go sleep
+// would end up to a millisecond late). It does not spin the whole d: on a
+// loaded machine a thread that burns its time slice waits behind the other
+// processes, while one that mostly sleeps runs as soon as it wakes, and the
+// server must keep its latency. A pacer that woke late would make the
+// server late, which the test would see.
 func fixedLatencyServer(t *testing.T, d time.Duration) string {
 	t.Helper()
-	const spin = 200 * time.Microsecond
-	pacers := make(chan *pacer, 16) // more than the test's connections
-	for range cap(pacers) {
-		p, err := newPacer()
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = p.close() })
-		pacers <- p
-	}
+	hold := pace.NewHold(d, 16) // more than the test's connections
+	t.Cleanup(hold.Close)
 	return serveHandler(t, func(c *fasthttp.RequestCtx) {
-		start := time.Now()
-		p := <-pacers
-		p.waitUntil(start, int64(d-spin))
-		pacers <- p
-		for time.Since(start) < d {
-		}
+		hold.Wait(time.Now())
 		c.SetBodyString(`{"id":1}`)
 	})
 }
@@ -442,7 +431,7 @@ func fixedLatencyServer(t *testing.T, d time.Duration) string {
 func TestKnownLatency(t *testing.T) {
 	const (
 		d        = time.Millisecond
-		attempts = 5
+		attempts = 8
 	)
 	var slack time.Duration
 	if raceEnabled {

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"userapi/internal/testenv"
+
 	"userapi"
 )
 
@@ -18,10 +20,10 @@ import (
 // cache in cfg's mode, after one warming read of each id.
 func benchReads(b *testing.B, cfg Config, users int) {
 	db := newSQLite(b)
-	if err := db.(userapi.Seeder).SeedUsers(testContext(b), 1, users, nil); err != nil {
+	if err := db.(userapi.Seeder).SeedUsers(testenv.Context(b), 1, users, nil); err != nil {
 		b.Fatal(err)
 	}
-	page, err := db.ListUsers(testContext(b), userapi.UserFilter{Limit: users})
+	page, err := db.ListUsers(testenv.Context(b), userapi.UserFilter{Limit: users})
 	if err != nil || len(page) != users {
 		b.Fatalf("seeded users = %d, %v", len(page), err)
 	}
@@ -81,7 +83,7 @@ func BenchmarkMissCoalesced(b *testing.B) { benchReads(b, Config{Mode: ModeOff, 
 func BenchmarkMiss(b *testing.B) {
 	const missUsers = 200_000
 	db := newSQLite(b)
-	if err := db.(userapi.Seeder).SeedUsers(testContext(b), 1, missUsers, nil); err != nil {
+	if err := db.(userapi.Seeder).SeedUsers(testenv.Context(b), 1, missUsers, nil); err != nil {
 		b.Fatal(err)
 	}
 	for _, m := range []Mode{ModeLocal, ModeTiered} {

@@ -334,7 +334,14 @@ func New(ctx context.Context, store userapi.Store, cfg Config) (*Store, error) {
 		}
 	}
 	if cfg.Coalesce {
-		s.loader = newLoader(s, cfg.Loaders, cfg.MaxBatch, cfg.LoadTimeout)
+		s.loader = newLoader(loaderDeps{
+			ctx:       s.ctx,
+			log:       s.log,
+			admit:     cfg.Admit,
+			coalesced: s.m.coalesced,
+			resolve:   s.resolve,
+			replicas:  s.ReadsReplicas(),
+		}, cfg.Loaders, cfg.MaxBatch)
 	}
 	s.m.register(s, cfg.Registerer)
 	if s.redis != nil {
@@ -610,6 +617,55 @@ type readStart struct {
 	state  uint64 // the notice channel's epoch (Store.state)
 	health uint64 // the Redis tier's health (redisTier.health)
 	at     time.Time
+}
+
+// resolve is the miss path of one loader batch: the calls Redis can answer
+// go to early at once, with one round trip for the whole batch; the rest
+// are read with one store.GetUsers. Every caller is woken as soon as its
+// result is known and in the local tier: a Redis fill of database results
+// does not hold them (see fill).
+func (s *Store) resolve(batch []*call, buf *batchBuf, early func(answered, rest []*call)) {
+	rs := s.begin()
+	hits, rest := buf.hits[:0], buf.rest[:0]
+	if s.redis != nil {
+		hits, rest = s.lookupRedis(batch, rs, hits, rest)
+		early(hits, rest)
+	} else {
+		rest = append(rest, batch...)
+	}
+	if len(rest) == 0 {
+		return
+	}
+	ids := buf.ids[:0]
+	for _, c := range rest {
+		ids = append(ids, c.id)
+	}
+	s.m.batchSize.Observe(float64(len(rest)))
+	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.LoadTimeout)
+	defer cancel()
+	var users []*userapi.User
+	var err error
+	if s.loader.replicas {
+		users, err = s.loadRouted(ctx, rest, ids)
+	} else {
+		users, err = s.store.GetUsers(ctx, ids)
+	}
+	if err != nil {
+		s.m.loadErrors.Inc()
+		if errors.Is(err, context.Canceled) && s.ctx.Err() != nil {
+			err = errClosed
+		}
+	} else {
+		s.m.loads.Inc()
+	}
+	// Fill the local tier before waking the callers, so that a read that
+	// follows a finished read finds the entry. Redis is filled after, by
+	// the filler; without a local tier the next read looks in Redis, so
+	// Redis is filled first.
+	rows := setResults(rest, users, err)
+	if err == nil {
+		s.fill(rows, rs, s.local != nil)
+	}
 }
 
 func (s *Store) begin() readStart {

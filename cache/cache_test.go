@@ -15,6 +15,7 @@ import (
 
 	"userapi"
 	"userapi/internal/panics"
+	"userapi/internal/testenv"
 	"userapi/storetest"
 )
 
@@ -122,7 +123,7 @@ func TestStampede(t *testing.T) {
 			for range n {
 				wg.Go(func() {
 					<-start
-					e, err := c.GetUserEncoded(testContext(t), u.ID)
+					e, err := c.GetUserEncoded(testenv.Context(t), u.ID)
 					if err == nil && e.Version != 1 {
 						err = fmt.Errorf("version %d", e.Version)
 					}
@@ -319,7 +320,7 @@ func waitStaleFill(t *testing.T, c *Store) {
 // database row.
 func checkTiers(t *testing.T, c *Store, db userapi.Store, id int64) {
 	t.Helper()
-	row, err := db.GetUser(testContext(t), id)
+	row, err := db.GetUser(testenv.Context(t), id)
 	if err != nil && !errors.Is(err, userapi.ErrNotFound) {
 		t.Fatal(err)
 	}
@@ -340,7 +341,7 @@ func checkTiers(t *testing.T, c *Store, db userapi.Store, id int64) {
 		}
 	}
 	if c.redis != nil && c.redis.client() != nil {
-		e, err := c.redis.getWithin(testContext(t), id, 5*time.Second)
+		e, err := c.redis.getWithin(testenv.Context(t), id, 5*time.Second)
 		if err != nil {
 			t.Fatalf("redis get: %v", err)
 		}
@@ -392,7 +393,7 @@ func TestReadYourWrites(t *testing.T) {
 			h := &hookStore{Store: newSQLite(t)}
 			u := mustCreate(t, h, "ryw@example.com")
 			c := newCache(t, h, m.cfg)
-			ctx, cancel := context.WithCancel(testContext(t))
+			ctx, cancel := context.WithCancel(testenv.Context(t))
 			var wg sync.WaitGroup
 			for range 4 {
 				wg.Go(func() {
@@ -407,7 +408,7 @@ func TestReadYourWrites(t *testing.T) {
 					t.Errorf("read after write %d: version %d", want, got)
 				}
 				// And through GetUser, which decodes.
-				got, err := c.GetUser(testContext(t), u.ID)
+				got, err := c.GetUser(testenv.Context(t), u.ID)
 				if err != nil || got.Version < want {
 					t.Errorf("GetUser after write %d: %+v, %v", want, got, err)
 				}
@@ -432,7 +433,7 @@ func TestDeleteInvalidates(t *testing.T) {
 			c := newCache(t, h, m.cfg)
 			version(t, c, u.ID)
 			version(t, c, u.ID)
-			if err := c.DeleteUser(testContext(t), u.ID, 0); err != nil {
+			if err := c.DeleteUser(testenv.Context(t), u.ID, 0); err != nil {
 				t.Fatal(err)
 			}
 			if v := version(t, c, u.ID); v != 0 {
@@ -450,9 +451,9 @@ func TestDeleteInvalidates(t *testing.T) {
 // its TTL.
 func TestNotFoundWriteInvalidates(t *testing.T) {
 	writes := map[string]func(c *Store, id int64) error{
-		"delete": func(c *Store, id int64) error { return c.DeleteUser(testContext(t), id, 0) },
+		"delete": func(c *Store, id int64) error { return c.DeleteUser(testenv.Context(t), id, 0) },
 		"update": func(c *Store, id int64) error {
-			_, err := c.UpdateUser(testContext(t), id, userapi.UserUpdate{Name: ptr("X")})
+			_, err := c.UpdateUser(testenv.Context(t), id, userapi.UserUpdate{Name: ptr("X")})
 			return err
 		},
 	}
@@ -468,7 +469,7 @@ func TestNotFoundWriteInvalidates(t *testing.T) {
 				c := newCache(t, h, m.cfg)
 				version(t, c, u.ID)
 				// The dead writer's commit, without its invalidation.
-				if err := h.Store.DeleteUser(testContext(t), u.ID, 0); err != nil {
+				if err := h.Store.DeleteUser(testenv.Context(t), u.ID, 0); err != nil {
 					t.Fatal(err)
 				}
 				if v := version(t, c, u.ID); v != 1 {
@@ -511,10 +512,10 @@ func TestDatabaseDown(t *testing.T) {
 			if v := version(t, c, absent); v != 0 {
 				t.Errorf("cached absence while the database is down: version %d", v)
 			}
-			if _, err := c.GetUserEncoded(testContext(t), other.ID); !errors.Is(err, userapi.ErrUnavailable) {
+			if _, err := c.GetUserEncoded(testenv.Context(t), other.ID); !errors.Is(err, userapi.ErrUnavailable) {
 				t.Errorf("uncached read while the database is down: %v, want ErrUnavailable", err)
 			}
-			if _, err := c.UpdateUser(testContext(t), other.ID, userapi.UserUpdate{Name: ptr("X")}); !errors.Is(err, userapi.ErrUnavailable) {
+			if _, err := c.UpdateUser(testenv.Context(t), other.ID, userapi.UserUpdate{Name: ptr("X")}); !errors.Is(err, userapi.ErrUnavailable) {
 				t.Errorf("write while the database is down: %v, want ErrUnavailable", err)
 			}
 			h.down.Store(false)
@@ -538,7 +539,7 @@ func TestGetUserDecodes(t *testing.T) {
 			u = rename(t, h, u.ID, "Zoë \"quoted\" \u2028 name")
 			c := newCache(t, h, m.cfg)
 			for range 3 { // load, then hits
-				got, err := c.GetUser(testContext(t), u.ID)
+				got, err := c.GetUser(testenv.Context(t), u.ID)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -555,7 +556,7 @@ func TestGetUserDecodes(t *testing.T) {
 func TestCloseFailsWaiters(t *testing.T) {
 	h := &hookStore{Store: newSQLite(t)}
 	u := mustCreate(t, h, "close@example.com")
-	c, err := New(testContext(t), h, Config{Mode: ModeLocal, Coalesce: true, Loaders: 1})
+	c, err := New(testenv.Context(t), h, Config{Mode: ModeLocal, Coalesce: true, Loaders: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -612,7 +613,7 @@ func TestLoaderPanic(t *testing.T) {
 	const readers = 8
 	errs := make(chan error, readers)
 	for range readers {
-		go func() { _, err := c.GetUserEncoded(testContext(t), u.ID); errs <- err }()
+		go func() { _, err := c.GetUserEncoded(testenv.Context(t), u.ID); errs <- err }()
 	}
 	eventually(t, 5*time.Second, "readers joined the load", func() bool {
 		return h.getUsers.Load() == 1 && value(c.m.coalesced) == readers-1

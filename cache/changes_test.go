@@ -31,7 +31,7 @@ import (
 func logicalDB(t *testing.T) (*postgres.Store, string) {
 	t.Helper()
 	url := pgtest.DatabaseOn(t, pgtest.LogicalURL(t))
-	s, err := postgres.Open(testContext(t), url, postgres.Options{MaxConns: 8, Migrate: true})
+	s, err := postgres.Open(testenv.Context(t), url, postgres.Options{MaxConns: 8, Migrate: true})
 	if err != nil {
 		t.Fatalf("postgres.Open: %v", err)
 	}
@@ -71,7 +71,7 @@ var feedDBs = []struct {
 		db, url := logicalDB(t)
 		w := outsideWriter(t, url)
 		terminate := func(c *pgx.Conn) error {
-			_, err := c.Exec(testContext(t), `SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = current_database() AND active_pid IS NOT NULL`)
+			_, err := c.Exec(testenv.Context(t), `SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = current_database() AND active_pid IS NOT NULL`)
 			return err
 		}
 		return feedDB{
@@ -79,7 +79,7 @@ var feedDBs = []struct {
 			update: func(t *testing.T, id int64, name string) int64 {
 				t.Helper()
 				var v int64
-				if err := w.QueryRow(testContext(t), `UPDATE users SET name = $1 WHERE id = $2 RETURNING version`, name, id).Scan(&v); err != nil {
+				if err := w.QueryRow(testenv.Context(t), `UPDATE users SET name = $1 WHERE id = $2 RETURNING version`, name, id).Scan(&v); err != nil {
 					t.Fatal(err)
 				}
 				return v
@@ -97,7 +97,7 @@ var feedDBs = []struct {
 						t.Fatal(err)
 					}
 					var dropped int
-					err := w.QueryRow(testContext(t), `
+					err := w.QueryRow(testenv.Context(t), `
 SELECT count(pg_drop_replication_slot(slot_name))
 FROM pg_replication_slots
 WHERE database = current_database() AND NOT active`).Scan(&dropped)
@@ -113,7 +113,7 @@ WHERE database = current_database() AND NOT active`).Scan(&dropped)
 	}},
 	{"mysql", func(t *testing.T) feedDB {
 		url, w := testenv.MySQLDatabase(t)
-		db, err := mysql.Open(testContext(t), url, mysql.Options{MaxConns: 8, Migrate: true})
+		db, err := mysql.Open(testenv.Context(t), url, mysql.Options{MaxConns: 8, Migrate: true})
 		if err != nil {
 			t.Fatalf("mysql.Open: %v", err)
 		}
@@ -136,7 +136,7 @@ WHERE database = current_database() AND NOT active`).Scan(&dropped)
 	}},
 	{"sqlite", func(t *testing.T) feedDB {
 		path := filepath.Join(t.TempDir(), "users.db")
-		db, err := sqlite.Open(testContext(t), "sqlite:"+path, sqlite.Options{Migrate: true})
+		db, err := sqlite.Open(testenv.Context(t), "sqlite:"+path, sqlite.Options{Migrate: true})
 		if err != nil {
 			t.Fatalf("sqlite.Open: %v", err)
 		}
@@ -193,7 +193,7 @@ func streamTiered(redisURL, prefix string, db userapi.ChangeFeed) Config {
 // outsideWriter is a connection of its own to the database.
 func outsideWriter(t *testing.T, url string) *pgx.Conn {
 	t.Helper()
-	c, err := pgx.Connect(testContext(t), url)
+	c, err := pgx.Connect(testenv.Context(t), url)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -448,7 +448,7 @@ func testOutsideUpdateMovesVersion(t *testing.T, fd feedDB) {
 	u := mustCreate(t, db, "trigger@example.com")
 	time.Sleep(2 * time.Millisecond) // SQLite's clock counts milliseconds
 	fd.update(t, u.ID, "By hand")
-	got, err := db.GetUser(testContext(t), u.ID)
+	got, err := db.GetUser(testenv.Context(t), u.ID)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -456,7 +456,7 @@ func testOutsideUpdateMovesVersion(t *testing.T, fd feedDB) {
 		t.Errorf("after a hand-written UPDATE: version %d, updated_at %v; want %d and after %v",
 			got.Version, got.UpdatedAt, u.Version+1, u.UpdatedAt)
 	}
-	upd, err := db.UpdateUser(testContext(t), u.ID, userapi.UserUpdate{Name: ptr("By the service")})
+	upd, err := db.UpdateUser(testenv.Context(t), u.ID, userapi.UserUpdate{Name: ptr("By the service")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -494,7 +494,7 @@ func testReplayHarmless(t *testing.T, fd feedDB) {
 	}
 	// Replay the old changes, then the current ones, as a new leader would.
 	for range 2 {
-		if err := a.applyChanges(testContext(t), old); err != nil {
+		if err := a.applyChanges(testenv.Context(t), old); err != nil {
 			t.Fatal(err)
 		}
 	}

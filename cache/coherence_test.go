@@ -13,6 +13,7 @@ import (
 
 	"userapi"
 	"userapi/internal/pgtest"
+	"userapi/internal/testenv"
 )
 
 // coherenceWindow is the staleness the coherence test allows a read on an
@@ -112,7 +113,7 @@ func TestCoherence(t *testing.T) {
 	for c := range clients {
 		wg.Go(func() {
 			rng := rand.New(rand.NewPCG(uint64(c), 42))
-			ctx := testContext(t)
+			ctx := testenv.Context(t)
 			var ops []coherenceOp
 			outside := c == nClients
 			for n := 0; n < maxOps && time.Since(start) < run; n++ {

@@ -14,6 +14,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"userapi"
+	"userapi/internal/testenv"
 	"userapi/postgres"
 )
 
@@ -74,11 +75,11 @@ func TestDatabaseUnreachable(t *testing.T) {
 	}
 	// Without one, the store's query timeout ends it.
 	start = time.Now()
-	_, err = c.GetUserEncoded(testContext(t), other.ID)
+	_, err = c.GetUserEncoded(testenv.Context(t), other.ID)
 	if d := time.Since(start); !errors.Is(err, userapi.ErrUnavailable) || d > queryTimeout+time.Second {
 		t.Errorf("miss: %v after %v; want ErrUnavailable within the query timeout", err, d)
 	}
-	_, err = c.UpdateUser(testContext(t), other.ID, userapi.UserUpdate{Name: ptr("X")})
+	_, err = c.UpdateUser(testenv.Context(t), other.ID, userapi.UserUpdate{Name: ptr("X")})
 	if !errors.Is(err, userapi.ErrUnavailable) {
 		t.Errorf("write while the database is unreachable: %v, want ErrUnavailable", err)
 	}

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"testing"
 	"time"
+
+	"userapi/internal/testenv"
 )
 
 // TestGuardRulesAgree: the admission rules are written twice, in Go for the
@@ -47,7 +49,7 @@ func TestGuardRulesAgree(t *testing.T) {
 			redis: func(key string) string {
 				f := fillCall{keys: []string{r.runKey}, args: []string{*r.runID.Load()}}
 				f.add(key, e)
-				vals, err := r.fillLua.Exec(testContext(t), r.client(), f.keys, f.args).AsIntSlice()
+				vals, err := r.fillLua.Exec(testenv.Context(t), r.client(), f.keys, f.args).AsIntSlice()
 				if err != nil || len(vals) != 1 {
 					t.Fatalf("%s: %v, %v", name, vals, err)
 				}
@@ -63,7 +65,7 @@ func TestGuardRulesAgree(t *testing.T) {
 				return ""
 			},
 			redis: func(key string) string {
-				if err := r.inval.Exec(testContext(t), r.client(), []string{key}, []string{fmt.Sprint(v), "60000", "", ""}).Error(); err != nil {
+				if err := r.inval.Exec(testenv.Context(t), r.client(), []string{key}, []string{fmt.Sprint(v), "60000", "", ""}).Error(); err != nil {
 					t.Fatalf("%s: %v", name, err)
 				}
 				return ""
@@ -82,7 +84,7 @@ func TestGuardRulesAgree(t *testing.T) {
 				return ""
 			},
 			redis: func(key string) string {
-				if err := r.intent.Exec(testContext(t), r.client(), []string{key}, []string{"60000", "", ""}).Error(); err != nil {
+				if err := r.intent.Exec(testenv.Context(t), r.client(), []string{key}, []string{"60000", "", ""}).Error(); err != nil {
 					t.Fatalf("intent: %v", err)
 				}
 				return ""
@@ -108,12 +110,12 @@ func TestGuardRulesAgree(t *testing.T) {
 				st.Store(1)
 				key := r.key(id)
 				client := r.client()
-				if err := client.Do(testContext(t), client.B().Del().Key(key).Build()).Error(); err != nil {
+				if err := client.Do(testenv.Context(t), client.B().Del().Key(key).Build()).Error(); err != nil {
 					t.Fatal(err)
 				}
 				if s != nil {
 					l.c.Set(id, s)
-					if err := client.Do(testContext(t), client.B().Set().Key(key).Value(encodeEntry(s)).Px(time.Minute).Build()).Error(); err != nil {
+					if err := client.Do(testenv.Context(t), client.B().Set().Key(key).Value(encodeEntry(s)).Px(time.Minute).Build()).Error(); err != nil {
 						t.Fatal(err)
 					}
 				}
@@ -123,7 +125,7 @@ func TestGuardRulesAgree(t *testing.T) {
 					t.Errorf("verdict: local %q, Redis %q", gotLocal, gotRedis)
 				}
 				le, _ := l.get(id)
-				re, err := r.getWithin(testContext(t), id, 5*time.Second)
+				re, err := r.getWithin(testenv.Context(t), id, 5*time.Second)
 				if err != nil {
 					t.Fatal(err)
 				}

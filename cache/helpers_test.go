@@ -29,13 +29,11 @@ const (
 	envRedis    = "USERAPI_TEST_REDIS_URL"
 )
 
-func testContext(tb testing.TB) context.Context { return testenv.Context(tb) }
-
 // newSQLite opens a fresh, migrated SQLite store in a temporary directory.
 func newSQLite(tb testing.TB) userapi.Store {
 	tb.Helper()
 	path := filepath.Join(tb.TempDir(), "users.db")
-	s, err := sqlite.Open(testContext(tb), "sqlite:"+path, sqlite.Options{Migrate: true})
+	s, err := sqlite.Open(testenv.Context(tb), "sqlite:"+path, sqlite.Options{Migrate: true})
 	if err != nil {
 		tb.Fatalf("sqlite.Open: %v", err)
 	}
@@ -66,7 +64,7 @@ func newPostgresVia(tb testing.TB, hostport string, opts postgres.Options) usera
 		u.Host = hostport
 	}
 	opts.Migrate = true
-	s, err := postgres.Open(testContext(tb), u.String(), opts)
+	s, err := postgres.Open(testenv.Context(tb), u.String(), opts)
 	if err != nil {
 		tb.Fatalf("postgres.Open: %v", err)
 	}
@@ -110,7 +108,7 @@ func newCache(tb testing.TB, store userapi.Store, cfg Config) *Store {
 	if cfg.Mode.hasRedis() && cfg.RedisURL == "" && cfg.Redis == nil {
 		cfg.RedisURL = needRedis(tb)
 	}
-	c, err := New(testContext(tb), store, cfg)
+	c, err := New(testenv.Context(tb), store, cfg)
 	if err != nil {
 		tb.Fatalf("cache.New: %v", err)
 	}
@@ -232,7 +230,7 @@ func mustCreate(tb testing.TB, s userapi.Store, email string) *userapi.User {
 	if err := in.Validate(); err != nil {
 		tb.Fatal(err)
 	}
-	u, _, err := s.CreateUser(testContext(tb), in)
+	u, _, err := s.CreateUser(testenv.Context(tb), in)
 	if err != nil {
 		tb.Fatalf("CreateUser(%q): %v", email, err)
 	}
@@ -241,7 +239,7 @@ func mustCreate(tb testing.TB, s userapi.Store, email string) *userapi.User {
 
 func rename(tb testing.TB, s userapi.Store, id int64, name string) *userapi.User {
 	tb.Helper()
-	u, err := s.UpdateUser(testContext(tb), id, userapi.UserUpdate{Name: &name})
+	u, err := s.UpdateUser(testenv.Context(tb), id, userapi.UserUpdate{Name: &name})
 	if err != nil {
 		tb.Fatalf("UpdateUser(%d): %v", id, err)
 	}
@@ -285,7 +283,7 @@ func readConcurrently(t *testing.T, wg *sync.WaitGroup, c *Store, ids []int64) {
 
 func version(tb testing.TB, c *Store, id int64) int64 {
 	tb.Helper()
-	e, err := c.GetUserEncoded(testContext(tb), id)
+	e, err := c.GetUserEncoded(testenv.Context(tb), id)
 	if errors.Is(err, userapi.ErrNotFound) {
 		return 0
 	}

@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"userapi/internal/testenv"
+
 	"userapi"
 )
 
@@ -42,7 +44,7 @@ func (c *crashingStore) DeleteUser(ctx context.Context, id int64, ifVersion int6
 // redisEntry is Redis's entry for id as c reads it, nil when there is none.
 func redisEntry(t *testing.T, c *Store, id int64) *entry {
 	t.Helper()
-	e, err := c.redis.getWithin(testContext(t), id, 5*time.Second)
+	e, err := c.redis.getWithin(testenv.Context(t), id, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -159,11 +161,11 @@ func TestRefusedWriteReleasesIntent(t *testing.T) {
 	eventually(t, time.Second, "Redis filled", func() bool { return redisEntry(t, b, u.ID) != nil })
 
 	name := "Never"
-	_, err := a.UpdateUser(testContext(t), u.ID, userapi.UserUpdate{Name: &name, IfVersion: 7})
+	_, err := a.UpdateUser(testenv.Context(t), u.ID, userapi.UserUpdate{Name: &name, IfVersion: 7})
 	if !errors.Is(err, userapi.ErrVersionMismatch) {
 		t.Fatalf("UpdateUser with a stale version: %v, want ErrVersionMismatch", err)
 	}
-	if err := a.DeleteUser(testContext(t), u.ID, 7); !errors.Is(err, userapi.ErrVersionMismatch) {
+	if err := a.DeleteUser(testenv.Context(t), u.ID, 7); !errors.Is(err, userapi.ErrVersionMismatch) {
 		t.Fatalf("DeleteUser with a stale version: %v, want ErrVersionMismatch", err)
 	}
 	eventually(t, time.Second, "B received both releases", func() bool { return value(b.m.invReceived) >= 2 })

@@ -2,12 +2,14 @@ package cache
 
 import (
 	"context"
-	"errors"
 	"fmt"
+	"log/slog"
 	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"userapi"
 	"userapi/internal/panics"
@@ -29,12 +31,8 @@ import (
 // x/sync/singleflight, but is also the batch queue's index, so a waiting
 // caller costs no goroutine of its own.
 type loader struct {
-	s        *Store
+	loaderDeps
 	maxBatch int
-	timeout  time.Duration
-	// replicas: the store may answer from a replica (see reread), so calls
-	// carry their session's position and are marked when taken.
-	replicas bool
 
 	mu       sync.Mutex
 	inflight map[int64]*call
@@ -74,22 +72,42 @@ type call struct {
 // load (bounded by their context) rather than grow memory without limit.
 const queueLen = 16384
 
-func newLoader(s *Store, workers, maxBatch int, timeout time.Duration) *loader {
+// loaderDeps are what a loader is handed by the cache it serves: it knows
+// how to coalesce and batch misses, and leaves answering a batch to
+// resolve.
+type loaderDeps struct {
+	ctx       context.Context // ends at Close: the workers' lifetime
+	log       *slog.Logger
+	admit     func(context.Context) (func(), error) // Config.Admit; nil admits every load
+	coalesced prometheus.Counter                    // callers that joined a load in flight
+	// resolve answers a batch (Store.resolve): it sets every call's
+	// result, hands the calls it can answer before the database to early,
+	// and returns; the loader wakes the callers of the rest.
+	resolve func(batch []*call, buf *batchBuf, early func(answered, rest []*call))
+	// replicas: the store may answer from a replica (cache/replica.go),
+	// so calls carry their callers' session positions and are marked when
+	// taken into a batch.
+	replicas bool
+}
+
+// batchBuf is a worker's scratch space, reused for every batch it runs.
+type batchBuf struct {
+	hits, rest []*call
+	ids        []int64
+}
+
+func newLoader(deps loaderDeps, workers, maxBatch int) *loader {
 	l := &loader{
-		s:          s,
+		loaderDeps: deps,
 		maxBatch:   maxBatch,
-		timeout:    timeout,
 		inflight:   make(map[int64]*call),
 		queue:      make(chan *call, queueLen),
 		freed:      make(chan struct{}, 1),
 		gatherWait: maxGatherWait,
 		done:       make(chan struct{}),
 	}
-	if rr, ok := s.store.(userapi.ReplicaReader); ok && rr.ReadsReplicas() {
-		l.replicas = true
-	}
 	for range workers {
-		l.workers.Go(panics.Loop(s.ctx, s.log, "cache_loader", l.work))
+		l.workers.Go(panics.Loop(deps.ctx, deps.log, "cache_loader", l.work))
 	}
 	return l
 }
@@ -99,7 +117,7 @@ func newLoader(s *Store, workers, maxBatch int, timeout time.Duration) *loader {
 // (wrapped as ErrUnavailable, since the database did not answer in time) or
 // after stop; the load's own outcome is in the call.
 func (l *loader) load(ctx context.Context, id int64) (*call, error) {
-	if admit := l.s.cfg.Admit; admit != nil {
+	if admit := l.admit; admit != nil {
 		done, err := admit(ctx)
 		if err != nil {
 			return nil, fmt.Errorf("get user %d: %w", id, err)
@@ -129,7 +147,7 @@ func (l *loader) load(ctx context.Context, id int64) (*call, error) {
 	}
 	l.mu.Unlock()
 	if joined {
-		l.s.m.coalesced.Inc()
+		l.coalesced.Inc()
 	} else {
 		select {
 		case l.queue <- c:
@@ -181,31 +199,29 @@ const minParallel = 16
 // behind it for the whole load timeout.
 const maxGatherWait = 5 * time.Millisecond
 
-// work takes batches (see take) and answers each: from Redis, when the
-// cache has a Redis tier, with one round trip for the whole batch; the
-// rest with one store.GetUsers. Each caller is woken as soon as its result
-// is known and in the local tier; a Redis fill of database results does not
-// hold them (see Store.fill).
+// work takes batches (see take) and has each answered (resolve).
 func (l *loader) work() {
 	batch := make([]*call, 0, l.maxBatch)
-	hits := make([]*call, 0, l.maxBatch)
-	rest := make([]*call, 0, l.maxBatch)
-	ids := make([]int64, 0, l.maxBatch)
+	buf := &batchBuf{
+		hits: make([]*call, 0, l.maxBatch),
+		rest: make([]*call, 0, l.maxBatch),
+		ids:  make([]int64, 0, l.maxBatch),
+	}
 	for {
 		batch = l.take(batch[:0])
 		if batch == nil {
 			return
 		}
-		l.run(batch, hits[:0], rest[:0], ids[:0])
+		l.run(batch, buf)
 	}
 }
 
-// run answers one batch: the calls Redis can answer at once, the rest from
-// one store.GetUsers. hits, rest and ids are the worker's buffers. A panic
-// on the way (in the store, in encoding, in a fill) is recovered as the
-// error of every call not yet answered, so they are answered at once and
-// the worker goes on with the next batch.
-func (l *loader) run(batch, hits, rest []*call, ids []int64) {
+// run has one batch answered and wakes its callers: those resolve answered
+// early at once, the rest when it returns. A panic on the way (in the
+// store, in encoding, in a fill) is recovered as the error of every call
+// not yet answered, so they are answered at once and the worker goes on
+// with the next batch.
+func (l *loader) run(batch []*call, buf *batchBuf) {
 	pending := batch // the calls not yet answered
 	var panicked error
 	defer func() {
@@ -219,47 +235,11 @@ func (l *loader) run(batch, hits, rest []*call, ids []int64) {
 		}
 		l.complete(pending)
 	}()
-	defer panics.Recover(l.s.log, "cache_loader", &panicked)
-	rs := l.s.begin()
-	if l.s.redis != nil {
-		hits, rest = l.s.lookupRedis(batch, rs, hits, rest)
+	defer panics.Recover(l.log, "cache_loader", &panicked)
+	l.resolve(batch, buf, func(answered, rest []*call) {
 		pending = rest
-		l.complete(hits)
-	} else {
-		rest = append(rest, batch...)
-	}
-	if len(rest) == 0 {
-		return
-	}
-	for _, c := range rest {
-		ids = append(ids, c.id)
-	}
-	l.s.m.batchSize.Observe(float64(len(rest)))
-	ctx, cancel := context.WithTimeout(l.s.ctx, l.timeout)
-	defer cancel()
-	var users []*userapi.User
-	var err error
-	if l.replicas {
-		users, err = l.loadRouted(ctx, rest, ids)
-	} else {
-		users, err = l.s.store.GetUsers(ctx, ids)
-	}
-	if err != nil {
-		l.s.m.loadErrors.Inc()
-		if errors.Is(err, context.Canceled) && l.s.ctx.Err() != nil {
-			err = errClosed
-		}
-	} else {
-		l.s.m.loads.Inc()
-	}
-	// Fill the local tier before waking the callers, so that a read that
-	// follows a finished read finds the entry. Redis is filled after, by
-	// the filler; without a local tier the next read looks in Redis, so
-	// Redis is filled first.
-	rows := setResults(rest, users, err)
-	if err == nil {
-		l.s.fill(rows, rs, l.s.local != nil)
-	}
+		l.complete(answered)
+	})
 }
 
 // take returns the next batch, appended to batch, and counts its load as

@@ -8,6 +8,7 @@ import (
 
 	"userapi"
 	"userapi/internal/pgtest"
+	"userapi/internal/testenv"
 	"userapi/postgres"
 )
 
@@ -31,7 +32,7 @@ func newPostgresBouncer(tb testing.TB) userapi.Store {
 func openBouncer(tb testing.TB, direct string) (*postgres.Store, string) {
 	tb.Helper()
 	via := pgtest.Bouncer(tb, direct)
-	s, err := postgres.Open(testContext(tb), via, postgres.Options{MaxConns: 8, Migrate: true, DirectURL: direct})
+	s, err := postgres.Open(testenv.Context(tb), via, postgres.Options{MaxConns: 8, Migrate: true, DirectURL: direct})
 	if err != nil {
 		tb.Fatalf("postgres.Open through PgBouncer: %v", err)
 	}

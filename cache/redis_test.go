@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"userapi/internal/testenv"
+
 	"github.com/redis/rueidis"
 
 	"userapi"
@@ -296,7 +298,7 @@ func TestRedisAbsentAtStart(t *testing.T) {
 func TestNoticeDeliveryLatency(t *testing.T) {
 	url := needRedis(t)
 	const n = 500
-	ctx := testContext(t)
+	ctx := testenv.Context(t)
 	opt, err := rueidis.ParseURL(url)
 	if err != nil {
 		t.Fatal(err)
@@ -425,10 +427,10 @@ func TestPendingBacklog(t *testing.T) {
 	srv := startRedis(t)
 	db := newSQLite(t)
 	const n = 600 // more than one chunk of applyPending
-	if err := db.(userapi.Seeder).SeedUsers(testContext(t), 1, n, func(int) {}); err != nil {
+	if err := db.(userapi.Seeder).SeedUsers(testenv.Context(t), 1, n, func(int) {}); err != nil {
 		t.Fatal(err)
 	}
-	page, err := db.ListUsers(testContext(t), userapi.UserFilter{Limit: n})
+	page, err := db.ListUsers(testenv.Context(t), userapi.UserFilter{Limit: n})
 	if err != nil || len(page) != n {
 		t.Fatalf("seeded %d users, %v", len(page), err)
 	}
@@ -479,7 +481,7 @@ func TestGenerationRejoin(t *testing.T) {
 	version(t, b, u.ID)
 
 	c := a.redis.client()
-	if err := c.Do(testContext(t), c.B().Set().Key(prefix+"gen").Value("7").Build()).Error(); err != nil {
+	if err := c.Do(testenv.Context(t), c.B().Set().Key(prefix+"gen").Value("7").Build()).Error(); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, 2*time.Second, "both instances on generation 7", func() bool {
@@ -500,14 +502,14 @@ func TestRedisOlderThanLocalTombstone(t *testing.T) {
 	u := mustCreate(t, db, "old@example.com")
 	a := newCache(t, db, fastTiered(url, testPrefix()))
 	eventually(t, 5*time.Second, "instance healthy", func() bool { return healthy(a) })
-	old, err := a.GetUserEncoded(testContext(t), u.ID)
+	old, err := a.GetUserEncoded(testenv.Context(t), u.ID)
 	if err != nil {
 		t.Fatal(err)
 	}
 	nu := rename(t, a, u.ID, "New")
 	stale := encodeEntry(&entry{kind: kindValue, version: old.Version, json: old.JSON})
 	c := a.redis.client()
-	if err := c.Do(testContext(t), c.B().Set().Key(a.redis.key(u.ID)).Value(stale).Build()).Error(); err != nil {
+	if err := c.Do(testenv.Context(t), c.B().Set().Key(a.redis.key(u.ID)).Value(stale).Build()).Error(); err != nil {
 		t.Fatal(err)
 	}
 	if v := version(t, a, u.ID); v != nu.Version {

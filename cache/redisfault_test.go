@@ -20,7 +20,7 @@ const settle = 500 * time.Millisecond
 // as psql or another service would.
 func outsideRename(t *testing.T, db userapi.Store, id int64, name string) int64 {
 	t.Helper()
-	u, err := db.UpdateUser(testContext(t), id, userapi.UserUpdate{Name: &name})
+	u, err := db.UpdateUser(testenv.Context(t), id, userapi.UserUpdate{Name: &name})
 	if err != nil {
 		t.Fatal(err)
 	}

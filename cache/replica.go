@@ -21,12 +21,12 @@ import (
 // filled with it.
 
 // loadRouted is store.GetUsers for a batch when the store reads replicas.
-func (l *loader) loadRouted(ctx context.Context, batch []*call, ids []int64) ([]*userapi.User, error) {
+func (s *Store) loadRouted(ctx context.Context, batch []*call, ids []int64) ([]*userapi.User, error) {
 	sess := &userapi.Session{}
 	for _, c := range batch {
 		sess.After = max(sess.After, c.need)
 	}
-	users, err := l.s.store.GetUsers(userapi.WithSession(ctx, sess), ids)
+	users, err := s.store.GetUsers(userapi.WithSession(ctx, sess), ids)
 	if err != nil || !sess.Replica {
 		return users, err
 	}
@@ -37,7 +37,7 @@ func (l *loader) loadRouted(ctx context.Context, batch []*call, ids []int64) ([]
 	var again []int64
 	for _, c := range batch {
 		u := byID[c.id]
-		if l.s.olderThanKnown(c.id, c.guard, u) {
+		if s.olderThanKnown(c.id, c.guard, u) {
 			again = append(again, c.id)
 			delete(byID, c.id)
 		}
@@ -45,8 +45,8 @@ func (l *loader) loadRouted(ctx context.Context, batch []*call, ids []int64) ([]
 	if len(again) == 0 {
 		return users, nil
 	}
-	l.s.m.replicaRereads.Add(float64(len(again)))
-	fresh, err := l.s.store.GetUsers(userapi.WithSession(ctx, &userapi.Session{Primary: true}), again)
+	s.m.replicaRereads.Add(float64(len(again)))
+	fresh, err := s.store.GetUsers(userapi.WithSession(ctx, &userapi.Session{Primary: true}), again)
 	if err != nil {
 		return nil, fmt.Errorf("read again from the primary: %w", err)
 	}

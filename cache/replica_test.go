@@ -15,6 +15,7 @@ import (
 
 	"userapi"
 	"userapi/internal/pgtest"
+	"userapi/internal/testenv"
 	"userapi/postgres"
 )
 
@@ -40,7 +41,7 @@ func TestReplicaReadYourWrites(t *testing.T) {
 	srv := startRedis(t)
 	const users = 1000
 	open := func(reg prometheus.Registerer, migrate bool) *postgres.Store {
-		s, err := postgres.Open(testContext(t), primary, postgres.Options{
+		s, err := postgres.Open(testenv.Context(t), primary, postgres.Options{
 			Migrate: migrate, MaxConns: 4, Replicas: []string{replica}, ReplicaMaxLag: 2 * time.Second,
 		})
 		if err != nil {
@@ -79,13 +80,13 @@ FROM generate_series(1, $1) AS g`, users)
 	// commit position): wait until the replica has them, or the first
 	// reads could find them absent there and cache that.
 	eventually(t, 10*time.Second, "the replica has the users", func() bool {
-		c, err := pgx.Connect(testContext(t), replica)
+		c, err := pgx.Connect(testenv.Context(t), replica)
 		if err != nil {
 			t.Fatalf("connect to the replica: %v", err)
 		}
-		defer c.Close(testContext(t))
+		defer c.Close(testenv.Context(t))
 		var n int
-		err = c.QueryRow(testContext(t), "SELECT count(*) FROM users").Scan(&n)
+		err = c.QueryRow(testenv.Context(t), "SELECT count(*) FROM users").Scan(&n)
 		return err == nil && n == users
 	})
 
@@ -158,7 +159,7 @@ FROM generate_series(1, $1) AS g`, users)
 	var wg sync.WaitGroup
 	for w := range workers {
 		wg.Go(func() {
-			ctx := testContext(t)
+			ctx := testenv.Context(t)
 			home := w % 2
 			for n := 0; time.Now().Before(stop) && !t.Failed(); n++ {
 				id := int64(1 + rand.IntN(users))
@@ -204,7 +205,7 @@ FROM generate_series(1, $1) AS g`, users)
 	all = append(all, created...)
 	for _, c := range inst {
 		for _, id := range all {
-			readVersion(c, testContext(t), id)
+			readVersion(c, testenv.Context(t), id)
 		}
 	}
 	for _, c := range inst {

@@ -266,5 +266,9 @@ func newLimitMetrics(reg prometheus.Registerer) (rateLimited prometheus.Counter,
 		Name: "userapi_http_connections_rejected_total",
 		Help: "Connections refused at accept by a cap: reason total (503) or per_ip (429).",
 	}, []string{"reason"}))
+	// Both series exist from the start, so rate() over them begins at zero
+	// and not at the first refusal.
+	rejected.WithLabelValues("total")
+	rejected.WithLabelValues("per_ip")
 	return
 }

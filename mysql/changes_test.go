@@ -5,6 +5,7 @@ import (
 	"strconv"
 	"testing"
 
+	"userapi/internal/testenv"
 	"userapi/storetest"
 )
 
@@ -15,7 +16,7 @@ func TestChangeTable(t *testing.T) {
 			var s [2]*Store
 			for i := range s {
 				var err error
-				if s[i], err = Open(testContext(t), url, Options{Migrate: true}); err != nil {
+				if s[i], err = Open(testenv.Context(t), url, Options{Migrate: true}); err != nil {
 					t.Fatalf("Open: %v", err)
 				}
 				t.Cleanup(func() { s[i].Close() })

@@ -38,16 +38,16 @@ const (
 // userapi.ErrUnavailable, keeping the cause in the chain for logs. Other
 // errors, domain errors included, are returned as they are.
 func translate(err error) error {
-	if err == nil || errors.Is(err, userapi.ErrUnavailable) || !isUnavailable(err) {
+	if err == nil || errors.Is(err, userapi.ErrUnavailable) || !unavailable(err) {
 		return err
 	}
 	return fmt.Errorf("%w: %w", userapi.ErrUnavailable, err)
 }
 
-// isUnavailable reports connection failures, timeouts and server states
+// unavailable reports connection failures, timeouts and server states
 // that a later retry may get past. A canceled context is the caller's
 // choice, not an outage, and is left alone.
-func isUnavailable(err error) bool {
+func unavailable(err error) bool {
 	if errors.Is(err, context.DeadlineExceeded) ||
 		errors.Is(err, driver.ErrBadConn) ||
 		errors.Is(err, mysql.ErrInvalidConn) ||

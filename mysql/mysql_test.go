@@ -2,10 +2,8 @@ package mysql
 
 import (
 	"context"
-	"crypto/rand"
 	"database/sql"
 	"database/sql/driver"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -21,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"userapi"
+	"userapi/internal/testenv"
 	"userapi/storetest"
 )
 
@@ -203,7 +202,7 @@ func TestOpenSilentServer(t *testing.T) {
 
 func TestStaleSchema(t *testing.T) {
 	dbURL := newDatabase(t)
-	ctx := testContext(t)
+	ctx := testenv.Context(t)
 
 	_, err := Open(ctx, dbURL, Options{})
 	if !errors.Is(err, userapi.ErrStaleSchema) {
@@ -238,7 +237,7 @@ func TestStaleSchema(t *testing.T) {
 // the schema; all succeed and the schema is applied once.
 func TestConcurrentMigrate(t *testing.T) {
 	dbURL := newDatabase(t)
-	ctx := testContext(t)
+	ctx := testenv.Context(t)
 	errs := make([]error, 3)
 	var wg sync.WaitGroup
 	for i := range errs {
@@ -268,7 +267,7 @@ func TestConcurrentMigrate(t *testing.T) {
 // fails promptly with ErrUnavailable.
 func TestDatabaseGoesAway(t *testing.T) {
 	dbURL := newDatabase(t)
-	ctx := testContext(t)
+	ctx := testenv.Context(t)
 	if err := Migrate(ctx, dbURL); err != nil {
 		t.Fatal(err)
 	}
@@ -318,7 +317,7 @@ func TestDatabaseGoesAway(t *testing.T) {
 
 func TestSeed(t *testing.T) {
 	s := newStore(t)
-	ctx := testContext(t)
+	ctx := testenv.Context(t)
 	const n = 20_000
 	var reports []int
 	if err := s.SeedUsers(ctx, 1, n, func(done int) { reports = append(reports, done) }); err != nil {
@@ -363,7 +362,7 @@ func TestSeed(t *testing.T) {
 // turn; exactly one wins per version and the others are told it moved on.
 func TestConcurrentIfVersion(t *testing.T) {
 	s := newStore(t)
-	ctx := testContext(t)
+	ctx := testenv.Context(t)
 	u, _, err := s.CreateUser(ctx, userapi.UserCreate{Email: "race@example.com", Name: "Race"})
 	if err != nil {
 		t.Fatal(err)
@@ -406,7 +405,7 @@ func TestConcurrentIfVersion(t *testing.T) {
 // a bounded number of times, and then reports ErrUnavailable.
 func TestTxRetry(t *testing.T) {
 	s := newStore(t)
-	ctx := testContext(t)
+	ctx := testenv.Context(t)
 	deadlock := &mysql.MySQLError{Number: 1213, Message: "Deadlock found when trying to get lock; try restarting transaction"}
 
 	attempts := 0
@@ -453,7 +452,7 @@ func TestTxRetry(t *testing.T) {
 
 func TestMetrics(t *testing.T) {
 	s := newStore(t)
-	if _, err := s.GetUser(testContext(t), 1); !errors.Is(err, userapi.ErrNotFound) {
+	if _, err := s.GetUser(testenv.Context(t), 1); !errors.Is(err, userapi.ErrNotFound) {
 		t.Fatal(err)
 	}
 	reg := prometheus.NewPedanticRegistry()
@@ -491,7 +490,7 @@ func TestMetrics(t *testing.T) {
 // (the benchmark's connection-per-request step).
 func TestNoPool(t *testing.T) {
 	dbURL := newDatabase(t)
-	ctx := testContext(t)
+	ctx := testenv.Context(t)
 	s, err := Open(ctx, dbURL, Options{Migrate: true, NoPool: true})
 	if err != nil {
 		t.Fatal(err)
@@ -515,7 +514,7 @@ func TestNoPool(t *testing.T) {
 // connection to prepare a statement would wait until its deadline.
 func TestKeptStatements(t *testing.T) {
 	dbURL := newDatabase(t)
-	ctx := testContext(t)
+	ctx := testenv.Context(t)
 	s, err := Open(ctx, dbURL, Options{Migrate: true, MaxConns: 1})
 	if err != nil {
 		t.Fatal(err)
@@ -597,7 +596,7 @@ func TestKeptStatements(t *testing.T) {
 // newStore returns a migrated store over a database of its own.
 func newStore(t *testing.T) *Store {
 	t.Helper()
-	s, err := Open(testContext(t), newDatabase(t), Options{Migrate: true})
+	s, err := Open(testenv.Context(t), newDatabase(t), Options{Migrate: true})
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
@@ -605,44 +604,12 @@ func newStore(t *testing.T) *Store {
 	return s
 }
 
-// newDatabase creates an empty database named userapi_test_<random> on the
-// server at USERAPI_TEST_MYSQL_URL, drops it when the test ends, and returns
-// its URL. It skips the test when the variable is not set and fails it when
-// the server cannot be reached.
+// newDatabase creates an empty database on the server at
+// USERAPI_TEST_MYSQL_URL, dropped when the test ends, and returns its URL.
 func newDatabase(t *testing.T) string {
 	t.Helper()
-	base := serverURL(t)
-	cfg, err := config(base, Options{}.withDefaults())
-	if err != nil {
-		t.Fatalf("%s: %v", urlEnv, err)
-	}
-	admin, err := sql.Open("mysql", cfg.FormatDSN())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { admin.Close() })
-	ctx := testContext(t)
-	if err := admin.PingContext(ctx); err != nil {
-		t.Fatalf("%s is set but the server is unreachable: %v", urlEnv, err)
-	}
-
-	b := make([]byte, 8)
-	rand.Read(b)
-	name := "userapi_test_" + hex.EncodeToString(b)
-	if _, err := admin.ExecContext(ctx, "CREATE DATABASE "+name); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if _, err := admin.ExecContext(context.Background(), "DROP DATABASE IF EXISTS "+name); err != nil {
-			t.Errorf("drop test database: %v", err)
-		}
-	})
-	u, err := url.Parse(base)
-	if err != nil {
-		t.Fatal(err)
-	}
-	u.Path = "/" + name
-	return u.String()
+	u, _ := testenv.MySQLDatabase(t)
+	return u
 }
 
 // serverURL returns USERAPI_TEST_MYSQL_URL, or skips the test when it is
@@ -654,12 +621,6 @@ func serverURL(t *testing.T) string {
 		t.Skip(urlEnv + " is not set; set it (e.g. mysql://root@127.0.0.1:3306/test) to run the MySQL tests")
 	}
 	return u
-}
-
-func testContext(t *testing.T) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	t.Cleanup(cancel)
-	return ctx
 }
 
 // proxy forwards TCP connections to target until closed, standing in for a
@@ -722,7 +683,7 @@ func (p *proxy) close() {
 // each, is stored and read back as given.
 func TestLongUnicodeName(t *testing.T) {
 	s := newStore(t)
-	ctx := testContext(t)
+	ctx := testenv.Context(t)
 	in := userapi.UserCreate{Email: "Émoji@Example.com", Name: strings.Repeat("😀", userapi.MaxNameRunes)}
 	if err := in.Validate(); err != nil {
 		t.Fatal(err)

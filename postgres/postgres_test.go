@@ -23,8 +23,6 @@ import (
 
 const envURL = pgtest.Env
 
-func testContext(t testing.TB) context.Context { return testenv.Context(t) }
-
 // newDatabase creates an empty database of its own, dropped at cleanup,
 // and returns its URL (see pgtest.Database).
 func newDatabase(t testing.TB) string { return pgtest.Database(t) }
@@ -34,7 +32,7 @@ func openStore(t testing.TB, opts postgres.Options) (*postgres.Store, string) {
 	t.Helper()
 	dbURL := newDatabase(t)
 	opts.Migrate = true
-	s, err := postgres.Open(testContext(t), dbURL, opts)
+	s, err := postgres.Open(testenv.Context(t), dbURL, opts)
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
@@ -66,7 +64,7 @@ func TestConformanceNoPool(t *testing.T) {
 
 func TestNoPoolClosesConnections(t *testing.T) {
 	s, dbURL := openStore(t, postgres.Options{NoPool: true})
-	ctx := testContext(t)
+	ctx := testenv.Context(t)
 	if s.Pool() != nil {
 		t.Fatal("Pool() != nil in NoPool mode")
 	}
@@ -96,7 +94,7 @@ func mustParse(t testing.TB, s string) *url.URL {
 // fails the test after a few seconds.
 func waitBackends(t testing.TB, name string, want int) {
 	t.Helper()
-	ctx := testContext(t)
+	ctx := testenv.Context(t)
 	admin, err := pgx.Connect(ctx, os.Getenv(envURL))
 	if err != nil {
 		t.Fatal(err)
@@ -117,7 +115,7 @@ func waitBackends(t testing.TB, name string, want int) {
 
 func TestOpenRefusesStaleSchema(t *testing.T) {
 	dbURL := newDatabase(t)
-	ctx := testContext(t)
+	ctx := testenv.Context(t)
 	for _, noPool := range []bool{false, true} {
 		_, err := postgres.Open(ctx, dbURL, postgres.Options{NoPool: noPool})
 		if !errors.Is(err, userapi.ErrStaleSchema) {
@@ -217,7 +215,7 @@ func TestOpenUnreachableIsUnavailable(t *testing.T) {
 // ErrUnavailable, and the pool recovers when it is back.
 func TestTerminatedConnectionsAreUnavailable(t *testing.T) {
 	s, dbURL := openStore(t, postgres.Options{MaxConns: 2})
-	ctx := testContext(t)
+	ctx := testenv.Context(t)
 	u, _, err := s.CreateUser(ctx, userapi.UserCreate{Email: "a@example.com", Name: "A"})
 	if err != nil {
 		t.Fatal(err)
@@ -254,7 +252,7 @@ func TestAcquireTimeoutIsUnavailable(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			tt.opts.MaxConns = 1
 			s, _ := openStore(t, tt.opts)
-			ctx := testContext(t)
+			ctx := testenv.Context(t)
 			held, err := s.Pool().Acquire(ctx)
 			if err != nil {
 				t.Fatal(err)
@@ -279,7 +277,7 @@ func TestAcquireTimeoutIsUnavailable(t *testing.T) {
 func TestQueryTimeoutIsUnavailable(t *testing.T) {
 	const timeout = 200 * time.Millisecond
 	s, dbURL := openStore(t, postgres.Options{MaxConns: 1, QueryTimeout: timeout})
-	ctx := testContext(t)
+	ctx := testenv.Context(t)
 	u, _, err := s.CreateUser(ctx, userapi.UserCreate{Email: "a@example.com", Name: "A"})
 	if err != nil {
 		t.Fatal(err)
@@ -339,7 +337,7 @@ WHERE datname = current_database()
 func TestSeedUsers(t *testing.T) {
 	const n = 20_000
 	s, _ := openStore(t, postgres.Options{})
-	ctx := testContext(t)
+	ctx := testenv.Context(t)
 	var calls []int
 	if err := s.SeedUsers(ctx, 1, n, func(done int) { calls = append(calls, done) }); err != nil {
 		t.Fatalf("SeedUsers: %v", err)
@@ -395,7 +393,7 @@ func TestRegisterMetrics(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	s.RegisterMetrics(reg)
 	for range 4 {
-		if _, err := s.GetUser(testContext(t), 1); !errors.Is(err, userapi.ErrNotFound) {
+		if _, err := s.GetUser(testenv.Context(t), 1); !errors.Is(err, userapi.ErrNotFound) {
 			t.Fatal(err)
 		}
 	}
@@ -435,7 +433,7 @@ func TestRegisterMetrics(t *testing.T) {
 func BenchmarkGetUser(b *testing.B) {
 	const n = 10_000
 	s, _ := openStore(b, postgres.Options{})
-	ctx := testContext(b)
+	ctx := testenv.Context(b)
 	if err := s.SeedUsers(ctx, 1, n, nil); err != nil {
 		b.Fatal(err)
 	}
@@ -455,7 +453,7 @@ func BenchmarkGetUser(b *testing.B) {
 func TestConformanceThroughPgBouncer(t *testing.T) {
 	storetest.Run(t, func(t *testing.T) userapi.Store {
 		direct := newDatabase(t)
-		s, err := postgres.Open(testContext(t), pgtest.Bouncer(t, direct), postgres.Options{Migrate: true, DirectURL: direct})
+		s, err := postgres.Open(testenv.Context(t), pgtest.Bouncer(t, direct), postgres.Options{Migrate: true, DirectURL: direct})
 		if err != nil {
 			t.Fatalf("Open: %v", err)
 		}

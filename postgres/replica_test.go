@@ -15,6 +15,7 @@ import (
 
 	"userapi"
 	"userapi/internal/pgtest"
+	"userapi/internal/testenv"
 	"userapi/postgres"
 	"userapi/storetest"
 )
@@ -24,7 +25,7 @@ import (
 func openReplicated(t *testing.T, delay time.Duration) (s *postgres.Store, primary, replica string) {
 	t.Helper()
 	primary, replica = pgtest.StreamingPair(t, delay)
-	s, err := postgres.Open(testContext(t), primary, postgres.Options{
+	s, err := postgres.Open(testenv.Context(t), primary, postgres.Options{
 		Migrate: true, MaxConns: 4, Replicas: []string{replica}, ReplicaMaxLag: 5 * time.Second,
 	})
 	if err != nil {
@@ -39,7 +40,7 @@ func openReplicated(t *testing.T, delay time.Duration) (s *postgres.Store, prima
 func read(t *testing.T, s *postgres.Store, after userapi.Position, ids ...int64) (map[int64]int64, bool) {
 	t.Helper()
 	sess := &userapi.Session{After: after}
-	users, err := s.GetUsers(userapi.WithSession(testContext(t), sess), ids)
+	users, err := s.GetUsers(userapi.WithSession(testenv.Context(t), sess), ids)
 	if err != nil {
 		t.Fatalf("GetUsers: %v", err)
 	}
@@ -58,7 +59,7 @@ func read(t *testing.T, s *postgres.Store, after userapi.Position, ids ...int64)
 // lag and the reads by server are exported.
 func TestReplicaRouting(t *testing.T) {
 	s, primary, replica := openReplicated(t, 300*time.Millisecond)
-	ctx := testContext(t)
+	ctx := testenv.Context(t)
 	sess := &userapi.Session{}
 	a, _, err := s.CreateUser(userapi.WithSession(ctx, sess), userapi.UserCreate{Email: "a@example.com", Name: "A"})
 	if err != nil {
@@ -155,7 +156,7 @@ func TestConformanceWithReplica(t *testing.T) {
 		n++
 		db := fmt.Sprintf("conformance_%d", n)
 		pgtest.Exec(t, primary.URL("postgres"), "CREATE DATABASE "+db)
-		s, err := postgres.Open(testContext(t), primary.URL(db), postgres.Options{
+		s, err := postgres.Open(testenv.Context(t), primary.URL(db), postgres.Options{
 			Migrate: true, MaxConns: 8, Replicas: []string{replica.URL(db)},
 		})
 		if err != nil {
@@ -171,7 +172,7 @@ func TestConformanceWithReplica(t *testing.T) {
 // them are served by the replica, and checks them against the primary's.
 func sameOnReplica(t *testing.T, s *postgres.Store) {
 	t.Helper()
-	ctx := testContext(t)
+	ctx := testenv.Context(t)
 	onPrimary := userapi.WithSession(ctx, &userapi.Session{Primary: true})
 	want, err := s.ListUsers(onPrimary, userapi.UserFilter{Limit: userapi.MaxLimit})
 	if err != nil {
@@ -227,7 +228,7 @@ func BenchmarkCommitPosition(b *testing.B) {
 	url := primary.URL("postgres")
 	pgtest.Exec(b, url, "CREATE TABLE bench (id int PRIMARY KEY, n bigint)")
 	pgtest.Exec(b, url, "INSERT INTO bench VALUES (1, 0)")
-	ctx := context.Background() // the benchmark may run longer than testContext's 30 s
+	ctx := context.Background() // the benchmark may run longer than testenv.Context's 30 s
 	c, err := pgx.Connect(ctx, url)
 	if err != nil {
 		b.Fatal(err)
@@ -288,13 +289,13 @@ func BenchmarkCommitPosition(b *testing.B) {
 // read, and says so in userapi_db_replica_up.
 func TestReplicaNotInRecovery(t *testing.T) {
 	url := newDatabase(t)
-	s, err := postgres.Open(testContext(t), url, postgres.Options{Migrate: true, Replicas: []string{url}, ReplicaPoll: time.Millisecond})
+	s, err := postgres.Open(testenv.Context(t), url, postgres.Options{Migrate: true, Replicas: []string{url}, ReplicaPoll: time.Millisecond})
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
 	defer s.Close()
 	sess := &userapi.Session{}
-	u, _, err := s.CreateUser(userapi.WithSession(testContext(t), sess), userapi.UserCreate{Email: "n@example.com", Name: "N"})
+	u, _, err := s.CreateUser(userapi.WithSession(testenv.Context(t), sess), userapi.UserCreate{Email: "n@example.com", Name: "N"})
 	if err != nil {
 		t.Fatal(err)
 	}

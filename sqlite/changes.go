@@ -77,7 +77,7 @@ func checkTriggers(ctx context.Context, db *sql.DB) error {
 			AND name IN (?, ?, ?, ?)`,
 		changeTriggers[0], changeTriggers[1], changeTriggers[2], changeTriggers[3]).Scan(&n)
 	if err != nil {
-		return classify(ctx, err)
+		return translate(ctx, err)
 	}
 	if n < len(changeTriggers) {
 		return fmt.Errorf("%d of the triggers %v on users are missing: re-create them as migration 00002_user_changes.sql does", len(changeTriggers)-n, changeTriggers)
@@ -130,7 +130,7 @@ func (t *changeTable) Oldest(ctx context.Context, n int) ([]changetable.Row, err
 		ORDER BY seq
 		LIMIT ?`, n)
 	if err != nil {
-		return nil, classify(ctx, err)
+		return nil, translate(ctx, err)
 	}
 	defer rows.Close()
 	var out []changetable.Row
@@ -138,13 +138,13 @@ func (t *changeTable) Oldest(ctx context.Context, n int) ([]changetable.Row, err
 		var r changetable.Row
 		var at int64
 		if err := rows.Scan(&r.Seq, &r.Change.ID, &r.Change.Version, &at); err != nil {
-			return nil, classify(ctx, err)
+			return nil, translate(ctx, err)
 		}
 		r.Change.Deleted = r.Change.Version == 0
 		r.Change.Committed = time.UnixMicro(at).UTC()
 		out = append(out, r)
 	}
-	return out, classify(ctx, rows.Err())
+	return out, translate(ctx, rows.Err())
 }
 
 func (t *changeTable) Count(ctx context.Context) (int64, error) {
@@ -156,7 +156,7 @@ func (t *changeTable) Count(ctx context.Context) (int64, error) {
 			count(*)
 		FROM user_changes
 		WHERE seq > 0`).Scan(&n)
-	return n, classify(ctx, err)
+	return n, translate(ctx, err)
 }
 
 // Seqs is bounded by busyTimeout rather than the per-call timeout: it
@@ -171,24 +171,24 @@ func (t *changeTable) Seqs(ctx context.Context, each func(int64)) error {
 		WHERE seq > 0
 		ORDER BY seq`)
 	if err != nil {
-		return classify(ctx, err)
+		return translate(ctx, err)
 	}
 	defer rows.Close()
 	for rows.Next() {
 		var seq int64
 		if err := rows.Scan(&seq); err != nil {
-			return classify(ctx, err)
+			return translate(ctx, err)
 		}
 		each(seq)
 	}
-	return classify(ctx, rows.Err())
+	return translate(ctx, rows.Err())
 }
 
 func (t *changeTable) exec(ctx context.Context, query string, args ...any) error {
 	ctx, cancel := t.s.withTimeout(ctx)
 	defer cancel()
 	_, err := t.s.writer.ExecContext(ctx, query, args...)
-	return classify(ctx, err)
+	return translate(ctx, err)
 }
 
 func (t *changeTable) Delete(ctx context.Context, r changetable.Run) error {

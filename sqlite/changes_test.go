@@ -4,6 +4,7 @@ import (
 	"database/sql"
 	"testing"
 
+	"userapi/internal/testenv"
 	"userapi/storetest"
 )
 
@@ -13,7 +14,7 @@ func TestChangeTable(t *testing.T) {
 		// connections, and flock excludes two followers in one process.
 		NewStore: func(t *testing.T) (storetest.ChangeTableStore, storetest.ChangeTableStore) {
 			s1, path := newStore(t, Options{})
-			s2, err := Open(testContext(t), "sqlite:"+path, Options{})
+			s2, err := Open(testenv.Context(t), "sqlite:"+path, Options{})
 			if err != nil {
 				t.Fatalf("Open: %v", err)
 			}

@@ -113,7 +113,7 @@ func (s *Store) CreateKey(ctx context.Context, k userapi.APIKey) (*userapi.APIKe
 		zeroOrNull(k.RateBurst),
 	))
 	if err != nil {
-		return nil, fmt.Errorf("create api key: %w", classify(ctx, err))
+		return nil, fmt.Errorf("create api key: %w", translate(ctx, err))
 	}
 	return out, nil
 }
@@ -129,7 +129,7 @@ func (s *Store) GetKey(ctx context.Context, id int64) (*userapi.APIKey, error) {
 		id,
 	))
 	if err != nil {
-		return nil, fmt.Errorf("get api key %d: %w", id, classify(ctx, err))
+		return nil, fmt.Errorf("get api key %d: %w", id, translate(ctx, err))
 	}
 	return k, nil
 }
@@ -143,19 +143,19 @@ func (s *Store) ListKeys(ctx context.Context) ([]*userapi.APIKey, error) {
 		FROM api_keys
 		ORDER BY id`)
 	if err != nil {
-		return nil, fmt.Errorf("list api keys: %w", classify(ctx, err))
+		return nil, fmt.Errorf("list api keys: %w", translate(ctx, err))
 	}
 	defer rows.Close()
 	keys := []*userapi.APIKey{}
 	for rows.Next() {
 		k, err := scanKey(rows)
 		if err != nil {
-			return nil, fmt.Errorf("list api keys: %w", classify(ctx, err))
+			return nil, fmt.Errorf("list api keys: %w", translate(ctx, err))
 		}
 		keys = append(keys, k)
 	}
 	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("list api keys: %w", classify(ctx, err))
+		return nil, fmt.Errorf("list api keys: %w", translate(ctx, err))
 	}
 	return keys, nil
 }
@@ -174,7 +174,7 @@ func (s *Store) RevokeKey(ctx context.Context, id int64, at time.Time) (*userapi
 		id,
 	))
 	if err != nil {
-		return nil, fmt.Errorf("revoke api key %d: %w", id, classify(ctx, err))
+		return nil, fmt.Errorf("revoke api key %d: %w", id, translate(ctx, err))
 	}
 	return k, nil
 }
@@ -184,7 +184,7 @@ func (s *Store) TouchKeys(ctx context.Context, uses []userapi.KeyUse) error {
 	ctx, cancel := s.withTimeout(ctx)
 	defer cancel()
 	if err := s.touchKeys(ctx, uses); err != nil {
-		return fmt.Errorf("touch %d api keys: %w", len(uses), classify(ctx, err))
+		return fmt.Errorf("touch %d api keys: %w", len(uses), translate(ctx, err))
 	}
 	return nil
 }
@@ -228,7 +228,7 @@ func (s *Store) KeysRevision(ctx context.Context) (userapi.KeysRevision, error) 
 		&last,
 	)
 	if err != nil {
-		return r, fmt.Errorf("api keys revision: %w", classify(ctx, err))
+		return r, fmt.Errorf("api keys revision: %w", translate(ctx, err))
 	}
 	if last != 0 {
 		r.LastRevoked = time.UnixMicro(last).UTC()

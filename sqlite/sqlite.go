@@ -119,7 +119,7 @@ func (s *Store) open(ctx context.Context, path string, opts Options) error {
 	// Connect the writer first: it creates the file and switches it to WAL
 	// mode, which the read-only connections cannot do.
 	if err := s.writer.PingContext(ctx); err != nil {
-		return classify(ctx, err)
+		return translate(ctx, err)
 	}
 	provider, err := newProvider(s.writer)
 	if err != nil {
@@ -129,7 +129,7 @@ func (s *Store) open(ctx context.Context, path string, opts Options) error {
 	s.schemaVersion = sources[len(sources)-1].Version
 	if opts.Migrate {
 		if err := up(ctx, provider); err != nil {
-			return fmt.Errorf("migrate: %w", classify(ctx, err))
+			return fmt.Errorf("migrate: %w", translate(ctx, err))
 		}
 	}
 
@@ -138,10 +138,10 @@ func (s *Store) open(ctx context.Context, path string, opts Options) error {
 		return err
 	}
 	if s.maxVars, err = variableLimit(ctx, s.reader); err != nil {
-		return classify(ctx, err)
+		return translate(ctx, err)
 	}
 	if s.getUser, err = s.reader.PrepareContext(ctx, getUserSQL); err != nil {
-		return classify(ctx, err)
+		return translate(ctx, err)
 	}
 	return nil
 }
@@ -165,7 +165,7 @@ func Migrate(ctx context.Context, url string) error {
 		return fmt.Errorf("migrate sqlite %s: %w", path, err)
 	}
 	if err := up(ctx, provider); err != nil {
-		return fmt.Errorf("migrate sqlite %s: %w", path, classify(ctx, err))
+		return fmt.Errorf("migrate sqlite %s: %w", path, translate(ctx, err))
 	}
 	return nil
 }
@@ -330,7 +330,7 @@ func (s *Store) checkSchema(ctx context.Context) error {
 		return fmt.Errorf("%w: no migrations applied", userapi.ErrStaleSchema)
 	}
 	if err != nil {
-		return fmt.Errorf("read schema version: %w", classify(ctx, err))
+		return fmt.Errorf("read schema version: %w", translate(ctx, err))
 	}
 	if v.Int64 < s.schemaVersion {
 		return fmt.Errorf("%w: version %d, want %d", userapi.ErrStaleSchema, v.Int64, s.schemaVersion)
@@ -369,12 +369,12 @@ func (s *Store) withTimeout(ctx context.Context) (context.Context, context.Cance
 	return context.WithTimeout(ctx, s.timeout)
 }
 
-// classify marks err as ErrUnavailable when it means the database cannot
+// translate marks err as ErrUnavailable when it means the database cannot
 // answer now: busy past the busy timeout, interrupted by the deadline, an
 // I/O failure, a full disk, a file that cannot be opened or written. The
 // driver error stays in the chain for logs; the HTTP layer shows only the
 // domain error's text.
-func classify(ctx context.Context, err error) error {
+func translate(ctx context.Context, err error) error {
 	if err == nil {
 		return nil
 	}

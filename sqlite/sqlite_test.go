@@ -14,21 +14,16 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"userapi"
+	"userapi/internal/testenv"
 	"userapi/storetest"
 )
-
-func testContext(tb testing.TB) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	tb.Cleanup(cancel)
-	return ctx
-}
 
 // newStore opens a migrated store on a new file in a temporary directory.
 func newStore(tb testing.TB, opts Options) (*Store, string) {
 	tb.Helper()
 	path := filepath.Join(tb.TempDir(), "users.db")
 	opts.Migrate = true
-	s, err := Open(testContext(tb), "sqlite:"+path, opts)
+	s, err := Open(testenv.Context(tb), "sqlite:"+path, opts)
 	if err != nil {
 		tb.Fatalf("Open: %v", err)
 	}
@@ -38,7 +33,7 @@ func newStore(tb testing.TB, opts Options) (*Store, string) {
 
 func mustCreate(tb testing.TB, s userapi.Store, email, name string) *userapi.User {
 	tb.Helper()
-	u, _, err := s.CreateUser(testContext(tb), userapi.UserCreate{Email: email, Name: name})
+	u, _, err := s.CreateUser(testenv.Context(tb), userapi.UserCreate{Email: email, Name: name})
 	if err != nil {
 		tb.Fatalf("CreateUser(%q): %v", email, err)
 	}
@@ -87,7 +82,7 @@ func TestParseURL(t *testing.T) {
 
 func TestOpenCreatesFileAndMigrates(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "a", "b", "users 100%.db")
-	s, err := Open(testContext(t), "sqlite:"+path, Options{Migrate: true})
+	s, err := Open(testenv.Context(t), "sqlite:"+path, Options{Migrate: true})
 	if err != nil {
 		t.Fatalf("Open(Migrate) on a new directory: %v", err)
 	}
@@ -95,13 +90,13 @@ func TestOpenCreatesFileAndMigrates(t *testing.T) {
 	if _, err := os.Stat(path); err != nil {
 		t.Fatalf("database file not created at its path: %v", err)
 	}
-	if err := s.Ping(testContext(t)); err != nil {
+	if err := s.Ping(testenv.Context(t)); err != nil {
 		t.Errorf("Ping after migrate: %v", err)
 	}
 	mustCreate(t, s, "a@example.com", "A")
 
 	// Open again with Migrate: nothing pending, no error.
-	s2, err := Open(testContext(t), "sqlite:"+path, Options{Migrate: true})
+	s2, err := Open(testenv.Context(t), "sqlite:"+path, Options{Migrate: true})
 	if err != nil {
 		t.Fatalf("second Open(Migrate): %v", err)
 	}
@@ -118,7 +113,7 @@ func TestConcurrentMigrate(t *testing.T) {
 		url := "sqlite:" + filepath.Join(t.TempDir(), fmt.Sprint(i, ".db"))
 		for range migrators {
 			wg.Go(func() {
-				if err := Migrate(testContext(t), url); err != nil {
+				if err := Migrate(testenv.Context(t), url); err != nil {
 					errs <- err
 				}
 			})
@@ -144,7 +139,7 @@ func TestPragmas(t *testing.T) {
 	}
 	for _, tt := range tests {
 		var got string
-		if err := s.writer.QueryRowContext(testContext(t), "PRAGMA "+tt.pragma).Scan(&got); err != nil {
+		if err := s.writer.QueryRowContext(testenv.Context(t), "PRAGMA "+tt.pragma).Scan(&got); err != nil {
 			t.Fatalf("PRAGMA %s: %v", tt.pragma, err)
 		}
 		if got != tt.want {
@@ -152,25 +147,25 @@ func TestPragmas(t *testing.T) {
 		}
 	}
 	var qo string
-	if err := s.reader.QueryRowContext(testContext(t), "PRAGMA query_only").Scan(&qo); err != nil || qo != "1" {
+	if err := s.reader.QueryRowContext(testenv.Context(t), "PRAGMA query_only").Scan(&qo); err != nil || qo != "1" {
 		t.Errorf("reader PRAGMA query_only = %q, %v; want 1", qo, err)
 	}
-	if _, err := s.reader.ExecContext(testContext(t), "DELETE FROM users"); err == nil {
+	if _, err := s.reader.ExecContext(testenv.Context(t), "DELETE FROM users"); err == nil {
 		t.Error("a reader connection accepted a write")
 	}
 }
 
 func TestStaleSchemaRefused(t *testing.T) {
 	url := "sqlite:" + filepath.Join(t.TempDir(), "users.db")
-	_, err := Open(testContext(t), url, Options{})
+	_, err := Open(testenv.Context(t), url, Options{})
 	if !errors.Is(err, userapi.ErrStaleSchema) {
 		t.Fatalf("Open(fresh file, no Migrate) error = %v, want ErrStaleSchema", err)
 	}
 
-	if err := Migrate(testContext(t), url); err != nil {
+	if err := Migrate(testenv.Context(t), url); err != nil {
 		t.Fatalf("Migrate: %v", err)
 	}
-	s, err := Open(testContext(t), url, Options{})
+	s, err := Open(testenv.Context(t), url, Options{})
 	if err != nil {
 		t.Fatalf("Open after Migrate: %v", err)
 	}
@@ -178,13 +173,13 @@ func TestStaleSchemaRefused(t *testing.T) {
 
 	// Roll the recorded version back, as an older schema would have it:
 	// Ping must report the schema stale (and so /readyz fail).
-	if _, err := s.writer.ExecContext(testContext(t), `DELETE FROM goose_db_version WHERE version_id = ?`, s.schemaVersion); err != nil {
+	if _, err := s.writer.ExecContext(testenv.Context(t), `DELETE FROM goose_db_version WHERE version_id = ?`, s.schemaVersion); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Ping(testContext(t)); !errors.Is(err, userapi.ErrStaleSchema) {
+	if err := s.Ping(testenv.Context(t)); !errors.Is(err, userapi.ErrStaleSchema) {
 		t.Errorf("Ping with a pending migration = %v, want ErrStaleSchema", err)
 	}
-	if _, err := Open(testContext(t), url, Options{}); !errors.Is(err, userapi.ErrStaleSchema) {
+	if _, err := Open(testenv.Context(t), url, Options{}); !errors.Is(err, userapi.ErrStaleSchema) {
 		t.Errorf("Open with a pending migration = %v, want ErrStaleSchema", err)
 	}
 }
@@ -192,11 +187,11 @@ func TestStaleSchemaRefused(t *testing.T) {
 func TestDurableAcrossReopen(t *testing.T) {
 	s, path := newStore(t, Options{})
 	u := mustCreate(t, s, "d@example.com", "Durable")
-	u, err := s.UpdateUser(testContext(t), u.ID, userapi.UserUpdate{Name: ptr("Durable 2")})
+	u, err := s.UpdateUser(testenv.Context(t), u.ID, userapi.UserUpdate{Name: ptr("Durable 2")})
 	if err != nil {
 		t.Fatal(err)
 	}
-	replayed, _, err := s.CreateUser(testContext(t), userapi.UserCreate{Email: "k@example.com", Name: "K", IdempotencyKey: "key-1"})
+	replayed, _, err := s.CreateUser(testenv.Context(t), userapi.UserCreate{Email: "k@example.com", Name: "K", IdempotencyKey: "key-1"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -204,19 +199,19 @@ func TestDurableAcrossReopen(t *testing.T) {
 		t.Fatalf("Close: %v", err)
 	}
 
-	s2, err := Open(testContext(t), "sqlite:"+path, Options{})
+	s2, err := Open(testenv.Context(t), "sqlite:"+path, Options{})
 	if err != nil {
 		t.Fatalf("reopen: %v", err)
 	}
 	defer s2.Close()
-	got, err := s2.GetUser(testContext(t), u.ID)
+	got, err := s2.GetUser(testenv.Context(t), u.ID)
 	if err != nil {
 		t.Fatalf("GetUser after reopen: %v", err)
 	}
 	if diff := cmp.Diff(u, got); diff != "" {
 		t.Errorf("user after reopen (-before +after):\n%s", diff)
 	}
-	again, wasReplayed, err := s2.CreateUser(testContext(t), userapi.UserCreate{Email: "k@example.com", Name: "K", IdempotencyKey: "key-1"})
+	again, wasReplayed, err := s2.CreateUser(testenv.Context(t), userapi.UserCreate{Email: "k@example.com", Name: "K", IdempotencyKey: "key-1"})
 	if err != nil || !wasReplayed {
 		t.Fatalf("idempotent retry after reopen = %v, replayed=%v, %v", again, wasReplayed, err)
 	}
@@ -234,7 +229,7 @@ func TestConcurrentWritersNoBusy(t *testing.T) {
 	// shared machine.
 	opts := Options{QueryTimeout: 20 * time.Second}
 	a, path := newStore(t, opts)
-	b, err := Open(testContext(t), "sqlite:"+path, opts)
+	b, err := Open(testenv.Context(t), "sqlite:"+path, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -248,7 +243,7 @@ func TestConcurrentWritersNoBusy(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for j := range perGoroutine {
-				ctx := testContext(t)
+				ctx := testenv.Context(t)
 				u, _, err := s.CreateUser(ctx, userapi.UserCreate{Email: fmt.Sprintf("w%d-%d@example.com", i, j), Name: "W"})
 				if err != nil {
 					errs <- err
@@ -265,7 +260,7 @@ func TestConcurrentWritersNoBusy(t *testing.T) {
 	for err := range errs {
 		t.Errorf("concurrent write: %v", err)
 	}
-	users, err := a.ListUsers(testContext(t), userapi.UserFilter{Limit: userapi.MaxLimit})
+	users, err := a.ListUsers(testenv.Context(t), userapi.UserFilter{Limit: userapi.MaxLimit})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -283,30 +278,30 @@ func TestConcurrentWritersNoBusy(t *testing.T) {
 // ErrUnavailable, not a driver error.
 func TestBusyIsUnavailable(t *testing.T) {
 	a, path := newStore(t, Options{})
-	b, err := Open(testContext(t), "sqlite:"+path, Options{QueryTimeout: 200 * time.Millisecond})
+	b, err := Open(testenv.Context(t), "sqlite:"+path, Options{QueryTimeout: 200 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer b.Close()
 
-	tx, err := a.writer.BeginTx(testContext(t), nil) // BEGIN IMMEDIATE: holds the write lock
+	tx, err := a.writer.BeginTx(testenv.Context(t), nil) // BEGIN IMMEDIATE: holds the write lock
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer tx.Rollback()
-	_, _, err = b.CreateUser(testContext(t), userapi.UserCreate{Email: "busy@example.com", Name: "B"})
+	_, _, err = b.CreateUser(testenv.Context(t), userapi.UserCreate{Email: "busy@example.com", Name: "B"})
 	if !errors.Is(err, userapi.ErrUnavailable) {
 		t.Errorf("CreateUser while another process writes = %v, want ErrUnavailable", err)
 	}
 	// Reads go on while the other process holds the write lock (WAL).
-	if _, err := b.ListUsers(testContext(t), userapi.UserFilter{Limit: 1}); err != nil {
+	if _, err := b.ListUsers(testenv.Context(t), userapi.UserFilter{Limit: 1}); err != nil {
 		t.Errorf("ListUsers while another process writes: %v", err)
 	}
 }
 
 func TestGetUsersChunks(t *testing.T) {
 	s, _ := newStore(t, Options{})
-	if err := s.SeedUsers(testContext(t), 1, 30, nil); err != nil {
+	if err := s.SeedUsers(testenv.Context(t), 1, 30, nil); err != nil {
 		t.Fatal(err)
 	}
 	s.maxVars = 7 // force several IN queries
@@ -314,7 +309,7 @@ func TestGetUsersChunks(t *testing.T) {
 	for id := int64(1); id <= 40; id++ { // 10 of them absent
 		ids = append(ids, id)
 	}
-	users, err := s.GetUsers(testContext(t), ids)
+	users, err := s.GetUsers(testenv.Context(t), ids)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -326,7 +321,7 @@ func TestGetUsersChunks(t *testing.T) {
 			t.Errorf("users[%d].ID = %d, want %d", i, u.ID, i+1)
 		}
 	}
-	if users, err := s.GetUsers(testContext(t), nil); err != nil || len(users) != 0 {
+	if users, err := s.GetUsers(testenv.Context(t), nil); err != nil || len(users) != 0 {
 		t.Errorf("GetUsers(nil) = %v, %v; want none", users, err)
 	}
 }
@@ -334,7 +329,7 @@ func TestGetUsersChunks(t *testing.T) {
 func TestIDsNotReused(t *testing.T) {
 	s, _ := newStore(t, Options{})
 	u := mustCreate(t, s, "first@example.com", "First")
-	if err := s.DeleteUser(testContext(t), u.ID, 0); err != nil {
+	if err := s.DeleteUser(testenv.Context(t), u.ID, 0); err != nil {
 		t.Fatal(err)
 	}
 	u2 := mustCreate(t, s, "second@example.com", "Second")
@@ -385,7 +380,7 @@ func TestRegisterMetrics(t *testing.T) {
 func BenchmarkGetUser(b *testing.B) {
 	s, _ := newStore(b, Options{})
 	const users = 1000
-	if err := s.SeedUsers(testContext(b), 1, users, nil); err != nil {
+	if err := s.SeedUsers(testenv.Context(b), 1, users, nil); err != nil {
 		b.Fatal(err)
 	}
 	ctx := context.Background()

@@ -55,7 +55,7 @@ func (s *Store) GetUser(ctx context.Context, id int64) (*userapi.User, error) {
 		return nil, fmt.Errorf("get user %d: %w", id, userapi.ErrNotFound)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("get user %d: %w", id, classify(ctx, err))
+		return nil, fmt.Errorf("get user %d: %w", id, translate(ctx, err))
 	}
 	return u, nil
 }
@@ -72,7 +72,7 @@ func (s *Store) GetUsers(ctx context.Context, ids []int64) ([]*userapi.User, err
 		ids = ids[len(chunk):]
 		var err error
 		if users, err = s.getUsers(ctx, users, chunk); err != nil {
-			return nil, fmt.Errorf("get %d users: %w", len(chunk), classify(ctx, err))
+			return nil, fmt.Errorf("get %d users: %w", len(chunk), translate(ctx, err))
 		}
 	}
 	return users, nil
@@ -132,19 +132,19 @@ func (s *Store) ListUsers(ctx context.Context, f userapi.UserFilter) ([]*userapi
 	}
 	rows, err := s.reader.QueryContext(ctx, query, args...)
 	if err != nil {
-		return nil, fmt.Errorf("list users: %w", classify(ctx, err))
+		return nil, fmt.Errorf("list users: %w", translate(ctx, err))
 	}
 	defer rows.Close()
 	users := make([]*userapi.User, 0, min(limit, userapi.MaxLimit+1))
 	for rows.Next() {
 		u, err := scanUser(rows)
 		if err != nil {
-			return nil, fmt.Errorf("list users: %w", classify(ctx, err))
+			return nil, fmt.Errorf("list users: %w", translate(ctx, err))
 		}
 		users = append(users, u)
 	}
 	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("list users: %w", classify(ctx, err))
+		return nil, fmt.Errorf("list users: %w", translate(ctx, err))
 	}
 	return users, nil
 }
@@ -171,7 +171,7 @@ func (s *Store) CreateUser(ctx context.Context, in userapi.UserCreate) (*userapi
 func (s *Store) createUser(ctx context.Context, in userapi.UserCreate) (*userapi.User, bool, error) {
 	tx, err := s.writer.BeginTx(ctx, nil)
 	if err != nil {
-		return nil, false, classify(ctx, err)
+		return nil, false, translate(ctx, err)
 	}
 	defer tx.Rollback()
 
@@ -212,7 +212,7 @@ func (s *Store) createUser(ctx context.Context, in userapi.UserCreate) (*userapi
 		return nil, false, userapi.ErrEmailTaken
 	}
 	if err != nil {
-		return nil, false, classify(ctx, err)
+		return nil, false, translate(ctx, err)
 	}
 
 	if in.IdempotencyKey != "" {
@@ -235,12 +235,12 @@ func (s *Store) createUser(ctx context.Context, in userapi.UserCreate) (*userapi
 			// A duplicate key cannot happen under BEGIN IMMEDIATE (the
 			// lookup above saw every committed key); if it does, it is
 			// an internal error, not the client's.
-			return nil, false, classify(ctx, err)
+			return nil, false, translate(ctx, err)
 		}
 	}
 
 	if err := tx.Commit(); err != nil {
-		return nil, false, classify(ctx, err)
+		return nil, false, translate(ctx, err)
 	}
 	return u, false, nil
 }
@@ -269,7 +269,7 @@ func replay(ctx context.Context, tx *sql.Tx, in userapi.UserCreate) (*userapi.Us
 		return nil, err
 	}
 	if err != nil {
-		return nil, classify(ctx, err)
+		return nil, translate(ctx, err)
 	}
 	if u.Email != in.Email || u.Name != in.Name {
 		return nil, userapi.ErrIdempotencyMismatch
@@ -297,7 +297,7 @@ func (s *Store) UpdateUser(ctx context.Context, id int64, upd userapi.UserUpdate
 func (s *Store) updateUser(ctx context.Context, id int64, upd userapi.UserUpdate) (*userapi.User, error) {
 	tx, err := s.writer.BeginTx(ctx, nil)
 	if err != nil {
-		return nil, classify(ctx, err)
+		return nil, translate(ctx, err)
 	}
 	defer tx.Rollback()
 
@@ -318,16 +318,16 @@ func (s *Store) updateUser(ctx context.Context, id int64, upd userapi.UserUpdate
 		sql.Named("if_version", upd.IfVersion),
 	))
 	if errors.Is(err, sql.ErrNoRows) {
-		return nil, missingOrMismatch(ctx, tx, id)
+		return nil, explainMiss(ctx, tx, id)
 	}
 	if uniqueViolation(err, "users.email") {
 		return nil, userapi.ErrEmailTaken
 	}
 	if err != nil {
-		return nil, classify(ctx, err)
+		return nil, translate(ctx, err)
 	}
 	if err := tx.Commit(); err != nil {
-		return nil, classify(ctx, err)
+		return nil, translate(ctx, err)
 	}
 	return u, nil
 }
@@ -346,7 +346,7 @@ func (s *Store) DeleteUser(ctx context.Context, id int64, ifVersion int64) error
 func (s *Store) deleteUser(ctx context.Context, id int64, ifVersion int64) error {
 	tx, err := s.writer.BeginTx(ctx, nil)
 	if err != nil {
-		return classify(ctx, err)
+		return translate(ctx, err)
 	}
 	defer tx.Rollback()
 
@@ -358,25 +358,25 @@ func (s *Store) deleteUser(ctx context.Context, id int64, ifVersion int64) error
 		sql.Named("if_version", ifVersion),
 	)
 	if err != nil {
-		return classify(ctx, err)
+		return translate(ctx, err)
 	}
 	n, err := res.RowsAffected()
 	if err != nil {
-		return classify(ctx, err)
+		return translate(ctx, err)
 	}
 	if n == 0 {
-		return missingOrMismatch(ctx, tx, id)
+		return explainMiss(ctx, tx, id)
 	}
 	if err := tx.Commit(); err != nil {
-		return classify(ctx, err)
+		return translate(ctx, err)
 	}
 	return nil
 }
 
-// missingOrMismatch explains, inside the transaction whose conditional
+// explainMiss explains, inside the transaction whose conditional
 // UPDATE or DELETE matched no row, why: ErrNotFound when the row does not
 // exist, else ErrVersionMismatch.
-func missingOrMismatch(ctx context.Context, tx *sql.Tx, id int64) error {
+func explainMiss(ctx context.Context, tx *sql.Tx, id int64) error {
 	var exists bool
 	err := tx.QueryRowContext(ctx, `
 		SELECT EXISTS (
@@ -388,7 +388,7 @@ func missingOrMismatch(ctx context.Context, tx *sql.Tx, id int64) error {
 	).Scan(&exists)
 	switch {
 	case err != nil:
-		return classify(ctx, err)
+		return translate(ctx, err)
 	case !exists:
 		return userapi.ErrNotFound
 	default:
@@ -435,7 +435,7 @@ func (s *Store) SeedUsers(ctx context.Context, first, n int, progress func(done 
 func (s *Store) seedTx(ctx context.Context, first, n int) error {
 	tx, err := s.writer.BeginTx(ctx, nil)
 	if err != nil {
-		return classify(ctx, err)
+		return translate(ctx, err)
 	}
 	defer tx.Rollback()
 
@@ -443,7 +443,7 @@ func (s *Store) seedTx(ctx context.Context, first, n int) error {
 	// executed unprepared.
 	full, err := tx.PrepareContext(ctx, seedInsertSQL(seedRowsPerInsert))
 	if err != nil {
-		return classify(ctx, err)
+		return translate(ctx, err)
 	}
 	defer full.Close()
 	args := make([]any, 0, 4*seedRowsPerInsert)
@@ -465,12 +465,12 @@ func (s *Store) seedTx(ctx context.Context, first, n int) error {
 			return userapi.ErrEmailTaken
 		}
 		if err != nil {
-			return classify(ctx, err)
+			return translate(ctx, err)
 		}
 		i += rows
 	}
 	if err := tx.Commit(); err != nil {
-		return classify(ctx, err)
+		return translate(ctx, err)
 	}
 	return nil
 }

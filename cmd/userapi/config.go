@@ -194,7 +194,7 @@ func parse(fs *flag.FlagSet, args []string, getenv func(string) string) error {
 		if given[f.Name] || err != nil {
 			return
 		}
-		name := envPrefix + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		name := envName(f.Name)
 		if v := getenv(name); v != "" {
 			if e := fs.Set(f.Name, v); e != nil {
 				err = fmt.Errorf("%s=%q: %w", name, v, e)
@@ -202,6 +202,12 @@ func parse(fs *flag.FlagSet, args []string, getenv func(string) string) error {
 		}
 	})
 	return err
+}
+
+// envName is the environment variable of flag: USERAPI_<FLAG>, upper case,
+// "-" as "_".
+func envName(flag string) string {
+	return envPrefix + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))
 }
 
 // trustedProxies parses the --trusted-proxies list.

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"io"
 	"strconv"
@@ -32,7 +33,6 @@ func keysCmd(ctx context.Context, args []string, getenv func(string) string, std
 	}
 	var c config
 	fs := newFlagSet("keys "+args[0], stderr)
-	c.dbFlags(fs)
 	var (
 		name      = fs.String("name", "", "what the key is for (create)")
 		scopes    = fs.String("scopes", "", "comma-separated scopes: users:read, users:write, admin (create)")
@@ -40,8 +40,20 @@ func keysCmd(ctx context.Context, args []string, getenv func(string) string, std
 		rateLimit = fs.Float64("rate-limit", 0, "the key's own requests per second; 0 the configured default (create)")
 		rateBurst = fs.Int("rate-burst", 0, "the key's own burst; 0 the configured default (create)")
 	)
+	// The key's own properties come from the command line only: in a
+	// serve's environment USERAPI_RATE_LIMIT is the service's setting (it
+	// may be "off"), not the new key's.
+	own := map[string]bool{}
+	fs.VisitAll(func(f *flag.Flag) { own[envName(f.Name)] = true })
+	c.dbFlags(fs)
+	dbEnv := func(name string) string {
+		if own[name] {
+			return ""
+		}
+		return getenv(name)
+	}
 	sub := args[0]
-	if err := parse(fs, args[1:], getenv); err != nil {
+	if err := parse(fs, args[1:], dbEnv); err != nil {
 		return fmt.Errorf("%w: %v", errUsage, err)
 	}
 	var in userapi.KeyCreate

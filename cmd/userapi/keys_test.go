@@ -138,3 +138,23 @@ func TestNoBootstrapKey(t *testing.T) {
 		t.Errorf("--bootstrap-key=false created a key:\n%s", logs)
 	}
 }
+
+// TestKeysCommandIgnoresServeEnvironment: `keys create` run in a serve's
+// environment (kubectl exec into a pod) takes the database from it, but
+// not the service's rate-limit settings as the new key's own.
+func TestKeysCommandIgnoresServeEnvironment(t *testing.T) {
+	db := "sqlite:" + filepath.Join(t.TempDir(), "keys.db")
+	env := map[string]string{"USERAPI_DB": db, "USERAPI_RATE_LIMIT": "off", "USERAPI_RATE_BURST": "50", "USERAPI_NAME": "from-env"}
+	getenv := func(k string) string { return env[k] }
+	var out, errOut bytes.Buffer
+	if err := run(context.Background(), []string{"keys", "create", "--name", "admin", "--scopes", "admin"}, getenv, &out, &errOut); err != nil {
+		t.Fatalf("keys create in a serve's environment: %v\n%s", err, errOut.String())
+	}
+	out.Reset()
+	if err := run(context.Background(), []string{"keys", "list"}, getenv, &out, &errOut); err != nil {
+		t.Fatalf("keys list: %v", err)
+	}
+	if list := out.String(); !strings.Contains(list, `"admin"`) || strings.Contains(list, "burst") || strings.Contains(list, "from-env") {
+		t.Errorf("keys list = %q, want the key named admin with no rate limit of its own", list)
+	}
+}

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/lestrrat-go/jwx/v3/jwa"
+	"github.com/lestrrat-go/jwx/v3/jwk"
 	"github.com/lestrrat-go/jwx/v3/jwt"
 )
 
@@ -42,6 +43,7 @@ func APIKey(id int64, secret string) string {
 // half is in PublicKeyFile (PEM), tokens for Issuer and Audience.
 type IdP struct {
 	Key           *rsa.PrivateKey
+	KID           string // the key's id in JWKS and in tokens' headers; "" until Rotate
 	PublicKeyPEM  []byte
 	PublicKeyFile string
 	Issuer        string
@@ -107,11 +109,57 @@ func (p *IdP) Token(tb testing.TB, c Claims) string {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	signed, err := jwt.Sign(tok, jwt.WithKey(jwa.RS256(), p.Key))
+	var key any = p.Key
+	if p.KID != "" {
+		k, err := jwk.Import(p.Key)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		if err := k.Set(jwk.KeyIDKey, p.KID); err != nil {
+			tb.Fatal(err)
+		}
+		key = k // jws writes its kid into the header
+	}
+	signed, err := jwt.Sign(tok, jwt.WithKey(jwa.RS256(), key))
 	if err != nil {
 		tb.Fatal(err)
 	}
 	return string(signed)
+}
+
+// Rotate gives the IdP a new key named kid, as a provider rotating its
+// signing key does: Token signs with it from then on.
+func (p *IdP) Rotate(tb testing.TB, kid string) {
+	tb.Helper()
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	p.Key, p.KID = key, kid
+}
+
+// JWKS is the JSON Web Key Set a provider publishes: the public half of
+// the current key, with its kid and algorithm.
+func (p *IdP) JWKS(tb testing.TB) []byte {
+	tb.Helper()
+	k, err := jwk.Import(&p.Key.PublicKey)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for name, v := range map[string]any{jwk.KeyIDKey: p.KID, jwk.AlgorithmKey: jwa.RS256(), jwk.KeyUsageKey: "sig"} {
+		if err := k.Set(name, v); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	set := jwk.NewSet()
+	if err := set.AddKey(k); err != nil {
+		tb.Fatal(err)
+	}
+	b, err := json.Marshal(set)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return b
 }
 
 // OtherKeyToken is an ES256 token with the IdP's claims signed by a key

@@ -1,25 +1,26 @@
 //go:build !linux
 
-package bench
+package pace
 
 import "time"
 
-// pacer is a Go timer where there is no timerfd: its wake-ups are late by up
+// Pacer is a Go timer where there is no timerfd: its wake-ups are late by up
 // to a millisecond when the process is idle (see pace.go), which the
 // schedule lag then shows.
-type pacer struct {
+type Pacer struct {
 	timer   *time.Timer
 	stopped chan struct{}
 }
 
-func newPacer() (*pacer, error) {
+// New returns a pacer; Close releases it.
+func New() (*Pacer, error) {
 	t := time.NewTimer(time.Hour)
 	t.Stop()
-	return &pacer{timer: t, stopped: make(chan struct{})}, nil
+	return &Pacer{timer: t, stopped: make(chan struct{})}, nil
 }
 
 // sleep waits d (> 0), and reports false if the pacer was stopped.
-func (p *pacer) sleep(d time.Duration) bool {
+func (p *Pacer) sleep(d time.Duration) bool {
 	p.timer.Reset(d)
 	select {
 	case <-p.timer.C:
@@ -30,8 +31,8 @@ func (p *pacer) sleep(d time.Duration) bool {
 	}
 }
 
-// stop makes the sleep in progress and every later one return false at
+// Stop makes the sleep in progress and every later one return false at
 // once. It is called once, by the run, while the sender may be sleeping.
-func (p *pacer) stop() { close(p.stopped) }
+func (p *Pacer) Stop() { close(p.stopped) }
 
-func (p *pacer) close() error { return nil }
+func (p *Pacer) Close() error { return nil }

@@ -1,8 +1,7 @@
-package bench
-
-import "time"
-
-// An open-loop sender waits for the intended send time of its next request
+// Package pace waits until a given time to the microsecond, where Go's
+// timers are late by up to a millisecond.
+//
+// An open-loop sender (package bench) waits for the intended send time of its next request
 // on a pacer of its own. Go's timers cannot do this job: when the process
 // has nothing else to run, the runtime sleeps in epoll_wait, whose timeout
 // is in whole milliseconds, rounded up below one. A timer due in 0.3 ms
@@ -17,6 +16,9 @@ import "time"
 // the last few tens of microseconds are spun (see spinLast). It costs a few
 // system calls per wait, paid only when the sender is early.
 // Elsewhere it is a Go timer (pace_other.go), with the lateness above.
+package pace
+
+import "time"
 
 // spinLast is how much of a wait is spent checking the clock in a loop
 // rather than asleep: a sleep is set to end this long before the intended
@@ -28,10 +30,10 @@ import "time"
 // and at most this long per request.
 const spinLast = 50 * time.Microsecond
 
-// waitUntil returns once the run's clock (time since t0) reaches at, in ns.
+// WaitUntil returns once the run's clock (time since t0) reaches at, in ns.
 // It returns false at once, or as soon as it can, when the pacer is
 // stopped: the run is ending and the request must not be sent.
-func (p *pacer) waitUntil(t0 time.Time, at int64) bool {
+func (p *Pacer) WaitUntil(t0 time.Time, at int64) bool {
 	for {
 		left := time.Duration(at - int64(time.Since(t0)))
 		switch {
@@ -43,6 +45,55 @@ func (p *pacer) waitUntil(t0 time.Time, at int64) bool {
 			return true
 		case !p.sleep(left - spinLast):
 			return false
+		}
+	}
+}
+
+// Hold holds answers for a fixed time after their start: the handler of a
+// server of known latency, against which load generators' figures are
+// checked (the bench tests, bench/cmd/fixedserver --delay). It keeps idle
+// pacers for reuse; any number of handlers may wait at once.
+type Hold struct {
+	d    time.Duration
+	idle chan *Pacer
+}
+
+// NewHold returns a Hold of d that keeps up to keep idle pacers.
+func NewHold(d time.Duration, keep int) *Hold {
+	return &Hold{d: d, idle: make(chan *Pacer, keep)}
+}
+
+// Wait returns d after start, to within the machine's wake-up time when a
+// core is free. Without a pacer (the process is out of descriptors) it
+// spins.
+func (h *Hold) Wait(start time.Time) {
+	var p *Pacer
+	select {
+	case p = <-h.idle:
+	default:
+		var err error
+		if p, err = New(); err != nil {
+			for time.Since(start) < h.d {
+			}
+			return
+		}
+	}
+	p.WaitUntil(start, int64(h.d))
+	select {
+	case h.idle <- p:
+	default:
+		_ = p.Close()
+	}
+}
+
+// Close releases the idle pacers; call it when no Wait is running.
+func (h *Hold) Close() {
+	for {
+		select {
+		case p := <-h.idle:
+			_ = p.Close()
+		default:
+			return
 		}
 	}
 }
