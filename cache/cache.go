@@ -562,8 +562,17 @@ func (s *Store) load(ctx context.Context, id int64) (userapi.Encoded, error) {
 }
 
 // GetUser returns the user, or ErrNotFound. It reads through the cache like
-// GetUserEncoded and decodes the cached JSON.
+// GetUserEncoded and decodes the cached JSON. When the store reads replicas,
+// a session asking for the primary (userapi.Session.Primary, an If-Match
+// check) is read from the store, past the tiers and the loader.
 func (s *Store) GetUser(ctx context.Context, id int64) (*userapi.User, error) {
+	if s.loader != nil && s.loader.replicas {
+		if sess := userapi.SessionFrom(ctx); sess != nil && sess.Primary {
+			// A check that must see the primary (If-Match): neither
+			// the tiers nor a replica may answer it.
+			return s.store.GetUser(ctx, id)
+		}
+	}
 	if s.local == nil && s.redis == nil {
 		if s.loader == nil {
 			return s.store.GetUser(ctx, id)

@@ -258,3 +258,33 @@ func routedReads(t *testing.T, reg *prometheus.Registry) (replica, primary float
 	}
 	return replica, primary
 }
+
+// replicaSQLite is a SQLite store that says it reads replicas, so the cache
+// treats it as one that may (its reads are all the primary's).
+type replicaSQLite struct{ userapi.Store }
+
+func (replicaSQLite) ReadsReplicas() bool { return true }
+
+// TestPrimaryCheckBypassesTiers: with a store that reads replicas, a
+// GetUser whose session asks for the primary (the HTTP layer's If-Match
+// check) reads the store, not the cached copy; other reads still hit.
+func TestPrimaryCheckBypassesTiers(t *testing.T) {
+	db := newSQLite(t)
+	u := mustCreate(t, db, "p@example.com")
+	c := newCache(t, replicaSQLite{db}, Config{Mode: ModeLocal, Coalesce: true})
+	if v := version(t, c, u.ID); v != 1 {
+		t.Fatalf("version %d, want 1", v)
+	}
+	rename(t, db, u.ID, "Behind the cache's back") // version 2, not invalidated
+	if v := version(t, c, u.ID); v != 1 {
+		t.Fatalf("the cached copy is version %d, want 1 (still cached)", v)
+	}
+	ctx := userapi.WithSession(testenv.Context(t), &userapi.Session{Primary: true})
+	got, err := c.GetUser(ctx, u.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Version != 2 {
+		t.Errorf("GetUser on the primary read version %d, want 2", got.Version)
+	}
+}

@@ -43,3 +43,17 @@ func setSession(rc *fasthttp.RequestCtx, sess *userapi.Session) {
 	}
 	rc.Response.Header.SetCanonical(hSessionLSN, []byte(max(sess.Wrote, sess.After).String()))
 }
+
+// onPrimary returns ctx with a session that sends reads to the primary,
+// when the store reads replicas: an If-Match check must compare with the
+// primary's version, not a cached copy or a replica's.
+func onPrimary(ctx context.Context, replicas bool) context.Context {
+	if !replicas {
+		return ctx
+	}
+	sess := userapi.Session{Primary: true}
+	if prev := userapi.SessionFrom(ctx); prev != nil {
+		sess.After = prev.After
+	}
+	return userapi.WithSession(ctx, &sess)
+}

@@ -15,6 +15,8 @@ type replicaStore struct {
 	mu    sync.Mutex
 	pos   userapi.Position
 	after []userapi.Position // Session.After of each read (0 without a session)
+	// primary: whether each GetUser's session asked for the primary
+	primary []bool
 }
 
 func (r *replicaStore) ReadsReplicas() bool { return true }
@@ -46,6 +48,10 @@ func (r *replicaStore) lastAfter() userapi.Position {
 
 func (r *replicaStore) GetUser(ctx context.Context, id int64) (*userapi.User, error) {
 	r.read(ctx)
+	r.mu.Lock()
+	sess := userapi.SessionFrom(ctx)
+	r.primary = append(r.primary, sess != nil && sess.Primary)
+	r.mu.Unlock()
 	return r.Store.GetUser(ctx, id)
 }
 
@@ -90,6 +96,19 @@ func TestSessionToken(t *testing.T) {
 	}
 	if got, want := resp.header["X-Session-Lsn"], "0/200"; got != want {
 		t.Errorf("update answered X-Session-LSN %q, want %q", got, want)
+	}
+
+	// An If-Match with several versions reads the current one: from the
+	// primary.
+	resp = serveDirect(t, h, request{method: "PATCH", uri: "/users/1", header: map[string]string{"Content-Type": "application/merge-patch+json", "If-Match": `"1", "2"`}, body: `{"name":"U"}`})
+	if resp.status != 200 {
+		t.Fatalf("patch with If-Match: %d %s", resp.status, resp.body)
+	}
+	st.mu.Lock()
+	checked := len(st.primary) > 0 && st.primary[len(st.primary)-1]
+	st.mu.Unlock()
+	if !checked {
+		t.Error("the If-Match check did not ask for the primary")
 	}
 
 	for _, uri := range []string{"/users/1", "/users"} {
