@@ -108,3 +108,18 @@ func TestServeWithReplica(t *testing.T) {
 		t.Fatalf("GET with a malformed token = %d %s %s", r.StatusCode, r.Header.Get("Content-Type"), body)
 	}
 }
+
+// TestReplicaFlag: --db-replica repeats, one value may hold several URLs
+// separated by spaces (as USERAPI_DB_REPLICA must), and passwords are
+// redacted when the configuration is shown.
+func TestReplicaFlag(t *testing.T) {
+	var l urlList
+	l.Set("postgres://u:pw1@r1:5432/db  postgres://u:pw2@r2:5432/db")
+	l.Set("postgres://u@r3:5432/db")
+	if len(l) != 3 || l[1] != "postgres://u:pw2@r2:5432/db" {
+		t.Fatalf("urls %q", l)
+	}
+	if s := l.String(); strings.Contains(s, "pw1") || strings.Contains(s, "pw2") || !strings.Contains(s, "r3:5432") {
+		t.Errorf("shown as %q", s)
+	}
+}
