@@ -204,13 +204,16 @@ const releaseVersion = 0
 
 // Store is the caching decorator. It is safe for concurrent use.
 type Store struct {
-	store  userapi.Store
-	cfg    Config
-	log    *slog.Logger
-	m      *metrics
-	local  *localTier // nil unless the mode has a local tier
-	redis  *redisTier // nil unless the mode has Redis
-	loader *loader    // nil unless cfg.Coalesce
+	store userapi.Store
+	cfg   Config
+	log   *slog.Logger
+	m     *metrics
+	local *localTier // nil unless the mode has a local tier
+	// replicas: the store below may read from replicas (ReadsReplicas),
+	// so reads carry session tokens (see carriesToken, replica.go).
+	replicas bool
+	redis    *redisTier // nil unless the mode has Redis
+	loader   *loader    // nil unless cfg.Coalesce
 
 	// state is the epoch of the notice channel: it goes up by one on every
 	// transition, and is odd while the channel is up. The local tier serves
@@ -291,6 +294,7 @@ func New(ctx context.Context, store userapi.Store, cfg Config) (*Store, error) {
 	}
 
 	s := &Store{store: store, cfg: cfg, log: cfg.Logger.With("component", "cache")}
+	s.replicas = s.ReadsReplicas()
 	s.m = newMetrics()
 	s.ctx, s.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	s.state.Store(1) // up: the local mode has no channel to wait for
@@ -340,7 +344,7 @@ func New(ctx context.Context, store userapi.Store, cfg Config) (*Store, error) {
 			admit:     cfg.Admit,
 			coalesced: s.m.coalesced,
 			resolve:   s.resolve,
-			replicas:  s.ReadsReplicas(),
+			replicas:  s.replicas,
 		}, cfg.Loaders, cfg.MaxBatch)
 	}
 	s.m.register(s, cfg.Registerer)
@@ -375,6 +379,20 @@ func (s *Store) Close() error {
 // open, so a Redis outage does not make the service unready.
 func (s *Store) Ping(ctx context.Context) error { return s.store.Ping(ctx) }
 
+// carriesToken reports whether the read carries a session token
+// (userapi.Session.After) while the store reads replicas. Such a read skips
+// the local tier: the token may name a write another instance acknowledged
+// whose notice has not arrived here yet, while Redis took its tombstone
+// before it was acknowledged, and the loader reads the database at the
+// token's position at least.
+func (s *Store) carriesToken(ctx context.Context) bool {
+	if !s.replicas {
+		return false
+	}
+	sess := userapi.SessionFrom(ctx)
+	return sess != nil && sess.After > 0
+}
+
 // ReadsReplicas reports whether the store below reads from replicas
 // (userapi.ReplicaReader), so the HTTP layer carries session tokens.
 func (s *Store) ReadsReplicas() bool {
@@ -400,7 +418,7 @@ func (s *Store) GetUsers(ctx context.Context, ids []int64) ([]*userapi.User, err
 func (s *Store) GetUserEncoded(ctx context.Context, id int64) (userapi.Encoded, error) {
 	if s.local != nil {
 		st := s.state.Load()
-		if st&1 == 1 {
+		if st&1 == 1 && !s.carriesToken(ctx) {
 			if e, ok := s.local.get(id); ok && e.epoch == st {
 				switch e.kind {
 				case kindValue:
@@ -566,7 +584,7 @@ func (s *Store) load(ctx context.Context, id int64) (userapi.Encoded, error) {
 // a session asking for the primary (userapi.Session.Primary, an If-Match
 // check) is read from the store, past the tiers and the loader.
 func (s *Store) GetUser(ctx context.Context, id int64) (*userapi.User, error) {
-	if s.loader != nil && s.loader.replicas {
+	if s.replicas {
 		if sess := userapi.SessionFrom(ctx); sess != nil && sess.Primary {
 			// A check that must see the primary (If-Match): neither
 			// the tiers nor a replica may answer it.
@@ -654,7 +672,7 @@ func (s *Store) resolve(batch []*call, buf *batchBuf, early func(answered, rest 
 	defer cancel()
 	var users []*userapi.User
 	var err error
-	if s.loader.replicas {
+	if s.replicas {
 		users, err = s.loadRouted(ctx, rest, ids)
 	} else {
 		users, err = s.store.GetUsers(ctx, ids)
