@@ -40,7 +40,7 @@ func newMetrics() *metrics {
 	m := &metrics{
 		lookups: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "userapi_cache_lookups_total",
-			Help: "Cache lookups by tier and result: hit, negative_hit (a cached absence), miss, error, or bypass/skip (tier not usable: local while the notice channel is down, redis while unhealthy or the id has an invalidation pending).",
+			Help: "Cache lookups by tier and result: hit, negative_hit (a cached absence), miss, error, or bypass/skip (tier not usable: local while the notice channel is down or for a read with a session token, redis while unhealthy or the id has an invalidation pending).",
 		}, []string{"tier", "result"}),
 		fills: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "userapi_cache_fills_total",
