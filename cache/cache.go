@@ -208,13 +208,16 @@ const releaseVersion = 0
 
 // Store is the caching decorator. It is safe for concurrent use.
 type Store struct {
-	store  userapi.Store
-	cfg    Config
-	log    *slog.Logger
-	m      *metrics
-	local  *localTier // nil unless the mode has a local tier
-	redis  *redisTier // nil unless the mode has Redis
-	loader *loader    // nil unless cfg.Coalesce
+	store userapi.Store
+	cfg   Config
+	log   *slog.Logger
+	m     *metrics
+	local *localTier // nil unless the mode has a local tier
+	// replicas: the store below may read from replicas (ReadsReplicas),
+	// so reads carry session tokens (see carriesToken, replica.go).
+	replicas bool
+	redis    *redisTier // nil unless the mode has Redis
+	loader   *loader    // nil unless cfg.Coalesce
 
 	// state is the epoch of the notice channel: it goes up by one on every
 	// transition, and is odd while the channel is up. The local tier serves
@@ -234,6 +237,7 @@ type Store struct {
 var (
 	_ userapi.Store         = (*Store)(nil)
 	_ userapi.EncodedReader = (*Store)(nil)
+	_ userapi.ReplicaReader = (*Store)(nil)
 )
 
 // New returns a Store in front of store. With Mode off and Coalesce off it
@@ -294,6 +298,7 @@ func New(ctx context.Context, store userapi.Store, cfg Config) (*Store, error) {
 	}
 
 	s := &Store{store: store, cfg: cfg, log: cfg.Logger.With("component", "cache")}
+	s.replicas = s.ReadsReplicas()
 	s.m = newMetrics()
 	s.ctx, s.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	s.state.Store(1) // up: the local mode has no channel to wait for
@@ -345,6 +350,7 @@ func New(ctx context.Context, store userapi.Store, cfg Config) (*Store, error) {
 			admit:     cfg.Admit,
 			coalesced: s.m.coalesced,
 			resolve:   s.resolve,
+			replicas:  s.replicas,
 		}, cfg.Loaders, cfg.MaxBatch)
 	}
 	s.m.register(s, cfg.Registerer)
@@ -379,6 +385,27 @@ func (s *Store) Close() error {
 // open, so a Redis outage does not make the service unready.
 func (s *Store) Ping(ctx context.Context) error { return s.store.Ping(ctx) }
 
+// carriesToken reports whether the read carries a session token
+// (userapi.Session.After) while the store reads replicas. Such a read skips
+// the local tier: the token may name a write another instance acknowledged
+// whose notice has not arrived here yet, while Redis took its tombstone
+// before it was acknowledged, and the loader reads the database at the
+// token's position at least.
+func (s *Store) carriesToken(ctx context.Context) bool {
+	if !s.replicas {
+		return false
+	}
+	sess := userapi.SessionFrom(ctx)
+	return sess != nil && sess.After > 0
+}
+
+// ReadsReplicas reports whether the store below reads from replicas
+// (userapi.ReplicaReader), so the HTTP layer carries session tokens.
+func (s *Store) ReadsReplicas() bool {
+	rr, ok := s.store.(userapi.ReplicaReader)
+	return ok && rr.ReadsReplicas()
+}
+
 // ListUsers is not cached: pages change with every create and delete.
 func (s *Store) ListUsers(ctx context.Context, f userapi.UserFilter) ([]*userapi.User, error) {
 	return s.store.ListUsers(ctx, f)
@@ -397,7 +424,7 @@ func (s *Store) GetUsers(ctx context.Context, ids []int64) ([]*userapi.User, err
 func (s *Store) GetUserEncoded(ctx context.Context, id int64) (userapi.Encoded, error) {
 	if s.local != nil {
 		st := s.state.Load()
-		if st&1 == 1 {
+		if st&1 == 1 && !s.carriesToken(ctx) {
 			if e, ok := s.local.get(id); ok && e.epoch == st {
 				switch e.kind {
 				case kindValue:
@@ -504,6 +531,9 @@ func (s *Store) lookupRedis(batch []*call, rs readStart, hits, rest []*call) ([]
 			continue
 		case e == nil || e.kind.guards():
 			s.m.redisMiss.Inc()
+			if e != nil {
+				c.guard = e
+			}
 			rest = append(rest, c)
 			continue
 		}
@@ -556,8 +586,17 @@ func (s *Store) load(ctx context.Context, id int64) (userapi.Encoded, error) {
 }
 
 // GetUser returns the user, or ErrNotFound. It reads through the cache like
-// GetUserEncoded and decodes the cached JSON.
+// GetUserEncoded and decodes the cached JSON. When the store reads replicas,
+// a session asking for the primary (userapi.Session.Primary, an If-Match
+// check) is read from the store, past the tiers and the loader.
 func (s *Store) GetUser(ctx context.Context, id int64) (*userapi.User, error) {
+	if s.replicas {
+		if sess := userapi.SessionFrom(ctx); sess != nil && sess.Primary {
+			// A check that must see the primary (If-Match): neither
+			// the tiers nor a replica may answer it.
+			return s.store.GetUser(ctx, id)
+		}
+	}
 	if s.local == nil && s.redis == nil {
 		if s.loader == nil {
 			return s.store.GetUser(ctx, id)
@@ -637,7 +676,13 @@ func (s *Store) resolve(batch []*call, buf *batchBuf, early func(answered, rest 
 	s.m.batchSize.Observe(float64(len(rest)))
 	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.LoadTimeout)
 	defer cancel()
-	users, err := s.store.GetUsers(ctx, ids)
+	var users []*userapi.User
+	var err error
+	if s.replicas {
+		users, err = s.loadRouted(ctx, rest, ids)
+	} else {
+		users, err = s.store.GetUsers(ctx, ids)
+	}
 	if err != nil {
 		s.m.loadErrors.Inc()
 		if errors.Is(err, context.Canceled) && s.ctx.Err() != nil {

@@ -57,6 +57,15 @@ type call struct {
 	user *userapi.User // result: the row, or
 	enc  userapi.Encoded
 	err  error // ErrNotFound, or the load's error
+
+	// With replicas only. need is the highest session position of the
+	// callers (set under loader.mu until taken); taken is set, under
+	// loader.mu, when a worker has taken the call into a batch, after which
+	// a caller needing more does not join it. guard is the tombstone or
+	// intent the batch's Redis lookup found for the id.
+	need  userapi.Position
+	taken bool
+	guard *entry
 }
 
 // queueLen bounds the calls waiting for a worker. Calls beyond it wait in
@@ -75,6 +84,10 @@ type loaderDeps struct {
 	// result, hands the calls it can answer before the database to early,
 	// and returns; the loader wakes the callers of the rest.
 	resolve func(batch []*call, buf *batchBuf, early func(answered, rest []*call))
+	// replicas: the store may answer from a replica (cache/replica.go),
+	// so calls carry their callers' session positions and are marked when
+	// taken into a batch.
+	replicas bool
 }
 
 // batchBuf is a worker's scratch space, reused for every batch it runs.
@@ -111,10 +124,25 @@ func (l *loader) load(ctx context.Context, id int64) (*call, error) {
 		}
 		defer done()
 	}
+	var need userapi.Position
+	if l.replicas {
+		if sess := userapi.SessionFrom(ctx); sess != nil {
+			need = sess.After
+		}
+	}
 	l.mu.Lock()
 	c, joined := l.inflight[id]
+	if joined && need > c.need {
+		if c.taken {
+			// Its read may already be under way on a replica that has
+			// not replayed what this caller needs.
+			joined = false
+		} else {
+			c.need = need
+		}
+	}
 	if !joined {
-		c = &call{id: id, done: make(chan struct{})}
+		c = &call{id: id, done: make(chan struct{}), need: need}
 		l.inflight[id] = c
 	}
 	l.mu.Unlock()
@@ -265,6 +293,13 @@ fill:
 				return nil
 			}
 		}
+	}
+	if l.replicas {
+		l.mu.Lock()
+		for _, c := range batch {
+			c.taken = true
+		}
+		l.mu.Unlock()
 	}
 	l.busy.Add(1)
 	return batch

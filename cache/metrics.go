@@ -32,13 +32,15 @@ type metrics struct {
 	changesApplied, changesMissed prometheus.Counter
 	changesInterrupted            prometheus.Counter
 	changeLag                     prometheus.Histogram
+
+	replicaRereads prometheus.Counter
 }
 
 func newMetrics() *metrics {
 	m := &metrics{
 		lookups: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "userapi_cache_lookups_total",
-			Help: "Cache lookups by tier and result: hit, negative_hit (a cached absence), miss, error, or bypass/skip (tier not usable: local while the notice channel is down, redis while unhealthy or the id has an invalidation pending).",
+			Help: "Cache lookups by tier and result: hit, negative_hit (a cached absence), miss, error, or bypass/skip (tier not usable: local while the notice channel is down or for a read with a session token, redis while unhealthy or the id has an invalidation pending).",
 		}, []string{"tier", "result"}),
 		fills: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "userapi_cache_fills_total",
@@ -102,6 +104,10 @@ func newMetrics() *metrics {
 			Name: "userapi_cache_intents_sent_total",
 			Help: "Write intents applied to Redis (intent and notice) before an update or delete went to the database.",
 		}),
+		replicaRereads: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "userapi_cache_replica_rereads_total",
+			Help: "Rows a replica answered for the loader that were older than a version the tiers knew of (a write acknowledged elsewhere), read again from the primary.",
+		}),
 		intentsReceived: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "userapi_cache_intents_received_total",
 			Help: "Write intent notices received on the channel (including our own).",
@@ -137,6 +143,9 @@ func (m *metrics) register(s *Store, reg prometheus.Registerer) {
 	reg.MustRegister(m.lookups, m.fills, m.coalesced, m.batchSize, m.loads, m.loadErrors,
 		m.invSent, m.invReceived, m.invFailed, m.intentsSent, m.intentsReceived,
 		m.changesApplied, m.changesMissed, m.changesInterrupted, m.changeLag)
+	if s.loader != nil && s.loader.replicas {
+		reg.MustRegister(m.replicaRereads)
+	}
 	// The cache starts the service's background goroutines (panics.Loop).
 	if err := panics.Register(reg); err != nil {
 		panic(err)

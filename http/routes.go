@@ -82,7 +82,9 @@ func (s *Server) routes() []route {
 //     principal's when authenticated, else the address's, also for a
 //     refused credential), and the RateLimit fields; 429 with Retry-After
 //     without one
-//  8. the handler; a returned error becomes problem+json (problem.go)
+//  8. the handler; a returned error becomes problem+json (problem.go).
+//     When the store reads replicas, the X-Session-LSN token is read and
+//     a write's token returned (session.go)
 //  9. gzip of bodies of at least GzipMinBytes the client accepts gzip for
 //  10. metrics: requests by route template, method and status; duration;
 //     at debug level one log line
@@ -109,9 +111,19 @@ func (s *Server) serve(rc *fasthttp.RequestCtx) {
 		s.writeError(rc, err)
 		return
 	}
+	var sess *userapi.Session
+	if s.replicas {
+		var err error
+		if ctx, sess, err = s.session(rc, ctx); err != nil {
+			s.writeError(rc, err)
+			return
+		}
+	}
 	if err := ep.handle(rc, ctx); err != nil {
 		s.writeError(rc, err)
+		return
 	}
+	setSession(rc, sess)
 }
 
 // endpoint routes the request by its path as the client sent it

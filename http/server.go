@@ -130,9 +130,12 @@ type Options struct {
 type Server struct {
 	store   userapi.Store
 	encoded userapi.EncodedReader // store's fast read path, nil if it has none
-	opts    Options
-	log     *slog.Logger
-	metrics *metrics
+	// replicas: the store may read from replicas, so requests carry a
+	// read-your-writes session (session.go).
+	replicas bool
+	opts     Options
+	log      *slog.Logger
+	metrics  *metrics
 
 	policy    atomic.Pointer[policyField] // RateLimit-Policy of the last limit
 	draining  atomic.Bool                 // set by Shutdown: answer with Connection: close
@@ -195,6 +198,9 @@ func NewServer(store userapi.Store, opts Options) *Server {
 	s.requestID.init()
 	s.deadlines.timeout = opts.RequestTimeout
 	s.encoded, _ = store.(userapi.EncodedReader)
+	if rr, ok := store.(userapi.ReplicaReader); ok && rr.ReadsReplicas() {
+		s.replicas = true
+	}
 	ping := store.Ping
 	s.ready.Store(&ping)
 	s.router = s.newRouter()

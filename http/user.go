@@ -355,7 +355,7 @@ func (s *Server) ifMatch(rc *fasthttp.RequestCtx, ctx context.Context, id int64)
 	case ok && len(versions) == 1:
 		return versions[0], nil
 	}
-	u, err := s.store.GetUser(ctx, id)
+	u, err := s.store.GetUser(onPrimary(ctx, s.replicas), id)
 	if err != nil {
 		return 0, err
 	}

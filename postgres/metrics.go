@@ -1,6 +1,8 @@
 package postgres
 
 import (
+	"time"
+
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -15,6 +17,9 @@ func (s *Store) RegisterMetrics(reg prometheus.Registerer) {
 		return
 	}
 	reg.MustRegister(&poolCollector{s: s})
+	if s.rt != nil {
+		reg.MustRegister(&replicaCollector{rt: s.rt})
+	}
 }
 
 var (
@@ -71,4 +76,50 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(descAcquireSeconds, st.AcquireDuration().Seconds())
 	counter(descCanceled, float64(st.CanceledAcquireCount()))
 	gauge(descChangeLag, float64(c.s.changeLag.Load()))
+}
+
+var (
+	descReplicaLagBytes = prometheus.NewDesc("userapi_db_replica_lag_bytes",
+		"Bytes of WAL between the primary's flush position and the replica's replay position, as last polled.", []string{"replica"}, nil)
+	descReplicaLagSeconds = prometheus.NewDesc("userapi_db_replica_lag_seconds",
+		"How long ago the primary was last at or before the replica's replay position (0 when caught up; 3600 until first polled).", []string{"replica"}, nil)
+	descReplicaUp = prometheus.NewDesc("userapi_db_replica_up",
+		"1 when the replica's replay position was read within the lag bound and its lag is within it (it may serve reads).", []string{"replica"}, nil)
+	descReads = prometheus.NewDesc("userapi_db_reads_total",
+		"Reads that may go to a replica (the cache's batched loads, lists), by the server that served them.", []string{"role", "replica"}, nil)
+	descFallbacks = prometheus.NewDesc("userapi_db_replica_fallbacks_total",
+		"Reads that could have gone to a replica and went to the primary, by reason: behind (no replica had replayed what the read needs), lagging (every replica past the lag bound or unreachable), failed (the replica's read failed), asked (the caller asked for the primary).", []string{"reason"}, nil)
+	descPollErrors = prometheus.NewDesc("userapi_db_replica_poll_errors_total",
+		"Failed polls of the replicas' replay positions and the primary's WAL position.", nil, nil)
+)
+
+// replicaCollector exports the replicas' lag and where routable reads went.
+type replicaCollector struct {
+	rt *routing
+}
+
+func (c *replicaCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descReplicaLagBytes, descReplicaLagSeconds, descReplicaUp, descReads, descFallbacks, descPollErrors} {
+		ch <- d
+	}
+}
+
+func (c *replicaCollector) Collect(ch chan<- prometheus.Metric) {
+	rt := c.rt
+	now := time.Now().UnixNano()
+	for _, r := range rt.replicas {
+		ch <- prometheus.MustNewConstMetric(descReplicaLagBytes, prometheus.GaugeValue, float64(r.lagBytes.Load()), r.addr)
+		ch <- prometheus.MustNewConstMetric(descReplicaLagSeconds, prometheus.GaugeValue, time.Duration(r.lagNanos.Load()).Seconds(), r.addr)
+		up := 0.0
+		if now-r.seen.Load() <= int64(rt.maxLag) && r.lagNanos.Load() <= int64(rt.maxLag) {
+			up = 1
+		}
+		ch <- prometheus.MustNewConstMetric(descReplicaUp, prometheus.GaugeValue, up, r.addr)
+		ch <- prometheus.MustNewConstMetric(descReads, prometheus.CounterValue, float64(r.reads.Load()), "replica", r.addr)
+	}
+	ch <- prometheus.MustNewConstMetric(descReads, prometheus.CounterValue, float64(rt.primaryReads.Load()), "primary", "")
+	for i, reason := range fallbackReasons {
+		ch <- prometheus.MustNewConstMetric(descFallbacks, prometheus.CounterValue, float64(rt.fallbacks[i].Load()), reason)
+	}
+	ch <- prometheus.MustNewConstMetric(descPollErrors, prometheus.CounterValue, float64(rt.pollErrors.Load()))
 }

@@ -34,6 +34,8 @@ import (
 var (
 	_ userapi.Store  = (*Store)(nil)
 	_ userapi.Seeder = (*Store)(nil)
+
+	_ userapi.ReplicaReader = (*Store)(nil)
 )
 
 //go:embed migrations/*.sql
@@ -93,6 +95,19 @@ type Options struct {
 	// transaction pooler cannot keep) unless the URL's
 	// default_query_exec_mode chooses another.
 	DirectURL string
+	// Replicas are the URLs of streaming replicas of the database. With
+	// any, GetUsers and ListUsers may be served by one that has replayed
+	// every write they must reflect (see replica.go); writes, GetUser and
+	// the idempotency lookups stay on the primary, and every write reads
+	// its commit position (one more statement on its connection).
+	Replicas []string
+	// ReplicaMaxLag is how far behind the primary (in time) a replica may
+	// be and still serve reads; 0 means DefaultReplicaMaxLag. Per-row
+	// read-your-writes requirements are kept for this long too.
+	ReplicaMaxLag time.Duration
+	// ReplicaPoll is how often the replicas' replay positions are read;
+	// 0 means DefaultReplicaPoll.
+	ReplicaPoll time.Duration
 }
 
 // Store is the PostgreSQL users store. It is safe for concurrent use.
@@ -106,6 +121,8 @@ type Store struct {
 	changeSlot string         // Options.ChangeSlot
 	direct     *pgconn.Config // the server itself, for the change stream (Options.DirectURL)
 	changeLag  atomic.Int64   // bytes of WAL the change stream is behind the server
+
+	rt *routing // nil without replicas
 }
 
 // Open connects to the database at url (postgres://user@host:5432/db?...).
@@ -121,6 +138,15 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 	}
 	if opts.AcquireTimeout <= 0 || opts.AcquireTimeout > opts.QueryTimeout {
 		opts.AcquireTimeout = opts.QueryTimeout
+	}
+	if len(opts.Replicas) > 0 && opts.NoPool {
+		return nil, errors.New("open postgres: replicas need the connection pool")
+	}
+	if opts.ReplicaMaxLag <= 0 {
+		opts.ReplicaMaxLag = DefaultReplicaMaxLag
+	}
+	if opts.ReplicaPoll <= 0 {
+		opts.ReplicaPoll = DefaultReplicaPoll
 	}
 	if opts.MinConns > opts.MaxConns {
 		return nil, fmt.Errorf("open postgres: MinConns %d is more than MaxConns %d", opts.MinConns, opts.MaxConns)
@@ -186,6 +212,12 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 		s.Close()
 		return nil, fmt.Errorf("open postgres: %w", err)
 	}
+	if len(opts.Replicas) > 0 {
+		if s.rt, err = openReplicas(opts.Replicas, cc.Copy(), opts); err != nil {
+			s.Close()
+			return nil, fmt.Errorf("open postgres: %w", err)
+		}
+	}
 	return s, nil
 }
 
@@ -246,6 +278,9 @@ func (s *Store) Pool() *pgxpool.Pool { return s.pool }
 
 // Close closes the pool, waiting for acquired connections to be released.
 func (s *Store) Close() error {
+	if s.rt != nil {
+		s.rt.close()
+	}
 	if s.pool != nil {
 		s.pool.Close()
 	}

@@ -93,6 +93,13 @@ WHERE id = ANY($1)`
 	if len(ids) == 0 {
 		return nil, nil
 	}
+	if s.rt != nil {
+		users, err := s.routedUsers(ctx, s.rt.needOf(ids, after(ctx)), q, ids)
+		if err != nil {
+			return nil, fmt.Errorf("get %d users: %w", len(ids), translate(err))
+		}
+		return users, nil
+	}
 	var users []*userapi.User
 	err := s.do(ctx, func(ctx context.Context, c *pgx.Conn) error {
 		rows, err := c.Query(ctx, q, ids)
@@ -140,6 +147,20 @@ LIMIT $2`
 	limit := f.Limit
 	if limit <= 0 {
 		limit = userapi.DefaultLimit
+	}
+	if s.rt != nil {
+		need := max(userapi.Position(s.rt.newest.Load()), after(ctx))
+		var users []*userapi.User
+		var err error
+		if f.Email == "" {
+			users, err = s.routedUsers(ctx, need, q, f.AfterID, limit)
+		} else {
+			users, err = s.routedUsers(ctx, need, qEmail, f.AfterID, limit, f.Email)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("list users after %d: %w", f.AfterID, translate(err))
+		}
+		return users, nil
 	}
 	var users []*userapi.User
 	err := s.do(ctx, func(ctx context.Context, c *pgx.Conn) error {
@@ -207,10 +228,19 @@ FROM u`
 	u := &userapi.User{Email: in.Email, Name: in.Name, CreatedAt: now, UpdatedAt: now, Version: 1}
 	var first *userapi.User
 	err := s.do(ctx, func(ctx context.Context, c *pgx.Conn) error {
+		scanID := func(r pgx.Row) error { return r.Scan(&u.ID) }
 		if in.IdempotencyKey == "" {
-			return c.QueryRow(ctx, insert, in.Email, in.Name, now).Scan(&u.ID)
+			pos, err := s.writeRow(ctx, c, scanID, insert, in.Email, in.Name, now)
+			if err == nil {
+				s.acked(ctx, u.ID, pos)
+			}
+			return err
 		}
-		err := c.QueryRow(ctx, insertWithKey, in.Email, in.Name, now, in.IdempotencyKey).Scan(&u.ID)
+		pos, err := s.writeRow(ctx, c, scanID, insertWithKey, in.Email, in.Name, now, in.IdempotencyKey)
+		if err == nil {
+			s.acked(ctx, u.ID, pos)
+			return nil
+		}
 		if violated(err) == "" {
 			return err
 		}
@@ -222,6 +252,13 @@ FROM u`
 		first, lookupErr = lookupKey(ctx, c, in.IdempotencyKey)
 		if errors.Is(lookupErr, pgx.ErrNoRows) {
 			return err
+		}
+		if lookupErr == nil {
+			// The replayed create committed earlier; any position read
+			// now is past it.
+			if lookupErr = s.committed(ctx, c, first.ID); lookupErr != nil {
+				first = nil
+			}
 		}
 		return lookupErr
 	})
@@ -287,9 +324,13 @@ RETURNING
 	version`
 	u := new(userapi.User)
 	err := s.do(ctx, func(ctx context.Context, c *pgx.Conn) error {
-		err := scanUser(c.QueryRow(ctx, q, id, upd.Email, upd.Name, userapi.Now(), upd.IfVersion), u)
+		pos, err := s.writeRow(ctx, c, func(r pgx.Row) error { return scanUser(r, u) },
+			q, id, upd.Email, upd.Name, userapi.Now(), upd.IfVersion)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return s.explainMiss(ctx, c, id)
+		}
+		if err == nil {
+			s.acked(ctx, id, pos)
 		}
 		return err
 	})
@@ -310,9 +351,12 @@ DELETE FROM users
 WHERE id = $1
 	AND ($2 = 0 OR version = $2)`
 	err := s.do(ctx, func(ctx context.Context, c *pgx.Conn) error {
-		tag, err := c.Exec(ctx, q, id, ifVersion)
-		if err == nil && tag.RowsAffected() == 0 {
+		n, pos, err := s.writeExec(ctx, c, q, id, ifVersion)
+		if err == nil && n == 0 {
 			return s.explainMiss(ctx, c, id)
+		}
+		if err == nil {
+			s.acked(ctx, id, pos)
 		}
 		return err
 	})
@@ -341,6 +385,14 @@ SELECT EXISTS (
 		return userapi.ErrNotFound
 	}
 	return userapi.ErrVersionMismatch
+}
+
+// after returns the session token the read must reflect, if any.
+func after(ctx context.Context) userapi.Position {
+	if sess := userapi.SessionFrom(ctx); sess != nil {
+		return sess.After
+	}
+	return 0
 }
 
 // violated returns the name of the unique constraint err violates, or "".

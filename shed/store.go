@@ -28,6 +28,13 @@ func (s *Store) PoolSize() int {
 	return 0
 }
 
+// ReadsReplicas reports whether the store below reads from replicas
+// (userapi.ReplicaReader).
+func (s *Store) ReadsReplicas() bool {
+	rr, ok := s.Store.(userapi.ReplicaReader)
+	return ok && rr.ReadsReplicas()
+}
+
 // GetUser is one request's read (the cache's uncoalesced miss).
 func (s *Store) GetUser(ctx context.Context, id int64) (*userapi.User, error) {
 	done, err := s.l.Admit(ctx)

@@ -12,6 +12,7 @@ import (
 	"userapi/cache"
 	"userapi/http"
 	"userapi/internal/redact"
+	"userapi/postgres"
 )
 
 // envPrefix names the environment variables that back every flag:
@@ -23,6 +24,8 @@ type config struct {
 	Addr      string
 	DB        string
 	DBDirect  string
+	Replicas  urlList
+	MaxLag    time.Duration
 	DBPool    bool
 	PoolSize  int
 	DBTimeout time.Duration
@@ -75,6 +78,23 @@ type config struct {
 	MaxConnsPerIP  int
 }
 
+// urlList is a repeatable URL flag; one value may hold several URLs
+// separated by spaces (as an environment variable must).
+type urlList []string
+
+func (l *urlList) String() string {
+	out := make([]string, len(*l))
+	for i, u := range *l {
+		out[i] = redact.URL(u)
+	}
+	return strings.Join(out, " ")
+}
+
+func (l *urlList) Set(v string) error {
+	*l = append(*l, strings.Fields(v)...)
+	return nil
+}
+
 // dbFlags registers the flags every subcommand that opens the database needs.
 func (c *config) dbFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.DB, "db", "sqlite:userapi.db", "database URL: postgres://user@host:5432/db, mysql://user:pass@host:3306/db or sqlite:PATH")
@@ -90,6 +110,10 @@ func (c *config) dbFlags(fs *flag.FlagSet) {
 // serveFlags registers the flags of `userapi serve`.
 func (c *config) serveFlags(fs *flag.FlagSet) {
 	c.dbFlags(fs)
+	fs.Var(&c.Replicas, "db-replica", "URL of a PostgreSQL streaming replica that may serve cache fills and lists (repeatable; in the environment, separated by spaces)")
+	// 1s: far below the cache's tombstone lifetime (10 s), see
+	// postgres.DefaultReplicaMaxLag.
+	fs.DurationVar(&c.MaxLag, "db-replica-max-lag", postgres.DefaultReplicaMaxLag, "a replica further behind the primary than this serves no reads (they go to the primary)")
 	fs.StringVar(&c.Addr, "addr", "127.0.0.1:8080", "public listen address")
 	fs.BoolVar(&c.Migrate, "migrate", false, "apply pending migrations at start (SQLite always does)")
 	fs.StringVar(&c.Redis, "redis", "", "Redis URL: redis://host:6379/0, a cluster redis://h1:p1,h2:p2,h3:p3, or a Sentinel set redis-sentinel://s1:26379,s2:26379/mymaster (docs/deploy.md); needed by the redis and tiered caches")

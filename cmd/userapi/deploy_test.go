@@ -936,7 +936,7 @@ func TestPrometheusRules(t *testing.T) {
 // fires. The exported names come from /metrics of the real service: SQLite
 // with the tiered cache (Redis unreachable: the cache's gauges are registered
 // all the same), and PostgreSQL when USERAPI_TEST_POSTGRES_URL is set, for
-// the pool and replication-slot metrics only its store has.
+// the pool, replication-slot and read-replica metrics only its store has.
 func TestMonitoringUsesRegisteredMetrics(t *testing.T) {
 	metricName := regexp.MustCompile(`\b(?:userapi|go|process)_[a-zA-Z0-9_]+\b`)
 	recordingName := regexp.MustCompile(`\buserapi(?::[a-zA-Z0-9_]+)+`)
@@ -999,7 +999,10 @@ func TestMonitoringUsesRegisteredMetrics(t *testing.T) {
 	scrape("--db", "sqlite:"+filepath.Join(t.TempDir(), "m.db"), "--cache", "tiered", "--redis", "redis://"+freeAddr(t)+"/0")
 	pg := os.Getenv("USERAPI_TEST_POSTGRES_URL")
 	if pg != "" {
-		scrape("--db", pg, "--migrate", "--cache", "off")
+		// The service's own database named as a replica too: it is not
+		// in recovery, so it serves nothing, but the replica metrics
+		// are registered.
+		scrape("--db", pg, "--migrate", "--cache", "off", "--db-replica", pg)
 	}
 
 	var missing []string

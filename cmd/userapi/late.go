@@ -26,9 +26,18 @@ type cachedStore interface {
 // refused connection.
 type lateStore struct {
 	p atomic.Pointer[cachedStore]
+	// replicas: the store will read replicas (--db-replica), so the HTTP
+	// layer carries session tokens from the first request on.
+	replicas bool
 }
 
-var _ cachedStore = (*lateStore)(nil)
+var (
+	_ cachedStore           = (*lateStore)(nil)
+	_ userapi.ReplicaReader = (*lateStore)(nil)
+)
+
+// ReadsReplicas is known from the configuration before the store is open.
+func (l *lateStore) ReadsReplicas() bool { return l.replicas }
 
 func (l *lateStore) set(s cachedStore) { l.p.Store(&s) }
 

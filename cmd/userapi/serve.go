@@ -78,7 +78,7 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 		defer limiter.Close()
 	}
 
-	late := &lateStore{}
+	late := &lateStore{replicas: len(c.Replicas) > 0}
 	lateAuth := &lateAuth{}
 	ls, err := startListeners(c, late, lateAuth, limiter, reg, log)
 	if err != nil {
@@ -93,6 +93,10 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stdou
 		return errors.Join(fmt.Errorf("open database: %w", err), ls.shutdown())
 	}
 	defer store.Close()
+	if len(c.Replicas) > 0 {
+		log.Info("cache fills and lists may read from replicas that have replayed what they need",
+			"replicas", c.Replicas.String(), "max_lag", c.MaxLag)
+	}
 	if m, ok := store.(interface{ RegisterMetrics(prometheus.Registerer) }); ok {
 		m.RegisterMetrics(reg)
 	}

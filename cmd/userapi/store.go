@@ -40,15 +40,20 @@ func openStore(ctx context.Context, c *config, migrate bool) (userapi.Store, err
 	if err != nil {
 		return nil, err
 	}
+	if len(c.Replicas) > 0 && kind != "postgres" {
+		return nil, fmt.Errorf("%w: --db-replica needs a PostgreSQL --db", errUsage)
+	}
 	switch kind {
 	case "postgres":
 		return postgres.Open(ctx, c.DB, postgres.Options{
-			MaxConns:     c.PoolSize,
-			QueryTimeout: c.DBTimeout,
-			NoPool:       !c.DBPool,
-			Migrate:      migrate,
-			ChangeSlot:   c.ChangeSlot,
-			DirectURL:    c.DBDirect,
+			MaxConns:      c.PoolSize,
+			QueryTimeout:  c.DBTimeout,
+			NoPool:        !c.DBPool,
+			Migrate:       migrate,
+			ChangeSlot:    c.ChangeSlot,
+			DirectURL:     c.DBDirect,
+			Replicas:      c.Replicas,
+			ReplicaMaxLag: c.MaxLag,
 		})
 	case "mysql":
 		return mysql.Open(ctx, c.DB, mysql.Options{
