@@ -241,7 +241,9 @@ func runStep(ctx context.Context, cfg *LadderConfig, step Step, sr *StepResult, 
 		sr.Status, sr.Note = StepFailed, err.Error()
 		return
 	}
-	args := []string{"serve", "--addr", addr, "--db", cfg.DB}
+	// The ladder's load is one client; its rate limit would cap every
+	// step at the client's budget. --serve-arg can set one again.
+	args := []string{"serve", "--addr", addr, "--db", cfg.DB, "--rate-limit", "off"}
 	if step.NeedsRedis {
 		// A key prefix of its own per step and run: every step starts
 		// with a cold Redis, and no step reads entries that an earlier

@@ -73,6 +73,7 @@ func fakeUserapi(args []string) int {
 		fs.Bool("db-pool", true, "")
 	}
 	fs.String("log-level", "info", "")
+	fs.String("rate-limit", "", "")
 	if err := fs.Parse(args[1:]); err != nil {
 		return 2
 	}
@@ -235,6 +236,9 @@ func TestLadderStepsAndSkips(t *testing.T) {
 			if !slices.Contains(c.args, f) {
 				t.Errorf("step %d serve %v lacks %s", i+1, c.args, f)
 			}
+		}
+		if j := slices.Index(c.args, "--rate-limit"); j < 0 || c.args[j+1] != "off" {
+			t.Errorf("step %d serve %v: want --rate-limit off (one client's budget would cap the step)", i+1, c.args)
 		}
 		hasRedis := slices.Contains(c.args, "--redis")
 		if hasRedis != steps[i].NeedsRedis {
