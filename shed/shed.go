@@ -35,7 +35,10 @@ const (
 	DefaultMinLimit = 16
 	// DefaultInitialLimit is where the limit starts: the benchmarks' 64
 	// connections fit, and it grows from there as long as latency holds.
-	DefaultInitialLimit = 64
+	// Without Config.InitialLimit the limit starts at initialPerMin times
+	// the minimum, which is this for the default minimum.
+	DefaultInitialLimit = initialPerMin * DefaultMinLimit
+	initialPerMin       = 4
 	// DefaultMaxLimit bounds the limit at what one instance's loaders can
 	// keep the database busy with (2 loads of up to 128 ids): more
 	// admitted reads only wait longer for a batch.
@@ -88,7 +91,11 @@ func New(cfg Config) *Limiter {
 		cfg.MaxLimit = DefaultMaxLimit
 	}
 	if cfg.InitialLimit == 0 {
-		cfg.InitialLimit = min(max(DefaultInitialLimit, cfg.MinLimit), cfg.MaxLimit)
+		// An adaptive limit learns its latency baseline from its first
+		// samples: one that starts far above what the database can take
+		// at once learns a queue as the baseline, and does not come down
+		// when started under a flood.
+		cfg.InitialLimit = min(initialPerMin*cfg.MinLimit, cfg.MaxLimit)
 	}
 	if cfg.Window <= 0 {
 		cfg.Window = DefaultWindow

@@ -74,6 +74,8 @@ type config struct {
 	RateBurst      int
 	RateLimitStore string
 	Shed           bool
+	ShedMinLimit   uint
+	ShedMaxWait    time.Duration
 	MaxConns       int
 	MaxConnsPerIP  int
 }

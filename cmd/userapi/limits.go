@@ -34,6 +34,8 @@ func (c *config) limitFlags(fs *flag.FlagSet) {
 	fs.IntVar(&c.RateBurst, "rate-burst", defaultRateBurst, "requests a client may make at once (its token bucket's size)")
 	fs.StringVar(&c.RateLimitStore, "rate-limit-store", "auto", "where budgets are kept: redis (one budget across instances, failing open to local), local (each instance the budget divided by the live instances counted in Redis, or all of it without Redis), auto (redis when --redis is set)")
 	fs.BoolVar(&c.Shed, "shed", true, "shed database-bound requests beyond an adaptive concurrency limit with 503 (cache hits are never shed)")
+	fs.UintVar(&c.ShedMinLimit, "shed-min-limit", shed.DefaultMinLimit, "the fewest database-bound requests the adaptive limit admits at once; lower it to about the pool size when every read is its own query (--coalesce=false)")
+	fs.DurationVar(&c.ShedMaxWait, "shed-max-wait", shed.DefaultMaxWait, "how long a request may wait for a place under the limit before its 503 (-1ns: refuse at once)")
 	fs.IntVar(&c.MaxConns, "max-conns", http.DefaultMaxConns, "most open client connections (0: no cap)")
 	fs.IntVar(&c.MaxConnsPerIP, "max-conns-per-ip", http.DefaultMaxConnsPerIP, "most open connections per client address, trusted proxies excepted (0: no cap)")
 }
@@ -95,6 +97,6 @@ func shedding(c *config, store userapi.Store, log *slog.Logger, reg prometheus.R
 	if !c.Shed {
 		return store, nil
 	}
-	l := shed.New(shed.Config{Logger: log, Registerer: reg})
+	l := shed.New(shed.Config{MinLimit: c.ShedMinLimit, MaxWait: c.ShedMaxWait, Logger: log, Registerer: reg})
 	return shed.NewStore(store, l), l.Admit
 }
