@@ -65,7 +65,7 @@ func TestGuardRulesAgree(t *testing.T) {
 				return ""
 			},
 			redis: func(key string) string {
-				if err := r.inval.exec(testenv.Context(t), r.client(), []string{key}, []string{fmt.Sprint(v), "60000", "", ""}).Error(); err != nil {
+				if err := r.inval.exec(testenv.Context(t), r.client(), []string{key, r.shards()[0].genKey}, []string{fmt.Sprint(v), "60000", "", ""}).Error(); err != nil {
 					t.Fatalf("%s: %v", name, err)
 				}
 				return ""
@@ -84,7 +84,7 @@ func TestGuardRulesAgree(t *testing.T) {
 				return ""
 			},
 			redis: func(key string) string {
-				if err := r.intent.exec(testenv.Context(t), r.client(), []string{key}, []string{"60000", "", ""}).Error(); err != nil {
+				if err := r.intent.exec(testenv.Context(t), r.client(), []string{key, r.shards()[0].genKey}, []string{"60000", "", ""}).Error(); err != nil {
 					t.Fatalf("intent: %v", err)
 				}
 				return ""

@@ -79,11 +79,12 @@ return res
 // trip and atomically: an instance that sees the notice finds the tombstone.
 // Over an intent it installs the tombstone at the higher of the two
 // versions, and a release (version 0) does nothing else.
-// KEYS[1] key; ARGV[1] the tombstone's version; ARGV[2] TTL in ms; ARGV[3]
-// the channel (empty for none); ARGV[4] the notice; ARGV[5] PUBLISH, or
-// SPUBLISH in a cluster (the channel is in the key's slot).
-// Returns 1 installed, 0 kept.
-const invalidateScript = `
+// KEYS[1] key; KEYS[2] its group's generation; ARGV[1] the tombstone's
+// version; ARGV[2] TTL in ms; ARGV[3] the channel (empty for none); ARGV[4]
+// the notice; ARGV[5] PUBLISH, or SPUBLISH in a cluster (the channel is in
+// the key's slot).
+// Returns 1 installed, 0 kept; fails with STALEGEN (see genGuard).
+const invalidateScript = genGuard + `
 local cur = redis.call('GET', KEYS[1])
 local v = ARGV[1]
 local set = 1
@@ -106,9 +107,10 @@ return set
 
 // intentScript installs a write's intent, carrying the version of what it
 // replaces, and publishes the notice.
-// KEYS[1] key; ARGV[1] TTL in ms; ARGV[2] the channel (empty for none);
-// ARGV[3] the notice; ARGV[4] PUBLISH or SPUBLISH.
-const intentScript = `
+// KEYS[1] key; KEYS[2] its group's generation; ARGV[1] TTL in ms; ARGV[2]
+// the channel (empty for none); ARGV[3] the notice; ARGV[4] PUBLISH or
+// SPUBLISH. Fails with STALEGEN (see genGuard).
+const intentScript = genGuard + `
 local cur = redis.call('GET', KEYS[1])
 local v = '0'
 if cur and string.sub(cur, 1, 1) ~= 'n' then
@@ -118,6 +120,33 @@ redis.call('SET', KEYS[1], 'w' .. v .. '|', 'PX', ARGV[1])
 if ARGV[2] ~= '' then redis.call(ARGV[4], ARGV[2], ARGV[3]) end
 return 1
 `
+
+// genGuard opens the scripts that write a guard (a tombstone or an
+// intent): the generation in the key's name (…u:<gen>:<id>) must be the
+// group's generation in Redis. An instance that has not yet adopted a
+// generation another instance moved to (after a failover it has not
+// probed, a missed notice) would otherwise put its guard where no one
+// reads, and a fill in the new generation would go unguarded. The script
+// then writes nothing and fails with STALEGEN; the caller remembers the
+// invalidation and probes, which adopts the generation and applies it
+// there.
+const genGuard = `
+if redis.call('GET', KEYS[2]) ~= string.match(KEYS[1], 'u:(%d+):%d+$') then
+  return redis.error_reply('STALEGEN the key generation has moved')
+end
+`
+
+// isStaleGen reports whether err is genGuard's refusal.
+func isStaleGen(err error) bool {
+	re, ok := rueidis.IsRedisErr(err)
+	return ok && strings.HasPrefix(re.Error(), "STALEGEN")
+}
+
+// guardKeys are the keys of a script that writes id's guard (genGuard).
+func (r *redisTier) guardKeys(id int64) []string {
+	sh := r.lay.Load().shardOf(id)
+	return []string{sh.key(id), sh.genKey}
+}
 
 // probeScript is the liveness check of every tick, and it proves what the
 // tier needs, not just that Redis answers: that Redis takes writes (a PING
@@ -200,6 +229,8 @@ type redisTier struct {
 	beat chan struct{} // our own heartbeat came back (one server)
 
 	dialWarned bool // recover's own: the first failed connection was logged
+
+	movedAt atomic.Int64 // unix ns of the last move to a new generation; 0 never
 }
 
 type clientBox struct {
@@ -679,11 +710,13 @@ func (r *redisTier) invalidate(ctx context.Context, id, version int64) {
 	}
 	c := r.client()
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
-	err := r.inval.exec(ctx, c, []string{r.key(id)}, r.invalidateArgs(id, version)).Error()
+	err := r.inval.exec(ctx, c, r.guardKeys(id), r.invalidateArgs(id, version)).Error()
 	cancel()
 	if err != nil {
 		r.m.invFailed.Inc()
-		r.failed(err)
+		if !isStaleGen(err) { // not Redis's failure: the probe puts it right
+			r.failed(err)
+		}
 		if version != releaseVersion {
 			r.remember(id, version)
 			r.poke()
@@ -720,11 +753,15 @@ func (r *redisTier) intend(ctx context.Context, id int64) {
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	l := r.lay.Load()
 	sh := l.shardOf(id)
-	err := r.intent.exec(ctx, c, []string{sh.key(id)}, []string{
+	err := r.intent.exec(ctx, c, []string{sh.key(id), sh.genKey}, []string{
 		strconv.FormatInt(r.cfg.TombstoneTTL.Milliseconds(), 10),
 		sh.channel, "w:" + strconv.FormatInt(id, 10), l.publish,
 	}).Error()
 	cancel()
+	if isStaleGen(err) {
+		r.poke() // adopt the generation before the write's invalidation
+		return
+	}
 	if err != nil {
 		r.failed(err)
 		return
@@ -970,6 +1007,7 @@ func (r *redisTier) adoptGens(l *layout, gens []int64) {
 		}
 	}
 	if moved {
+		r.moved()
 		r.bumpHealth()
 		r.events.flushLocal()
 	}
@@ -981,6 +1019,7 @@ func (r *redisTier) adoptGen(sh *shard, g int64) {
 		return
 	}
 	sh.setGen(g)
+	r.moved()
 	r.bumpHealth()
 	r.events.flushLocal()
 }
@@ -988,6 +1027,17 @@ func (r *redisTier) adoptGen(sh *shard, g int64) {
 // bumpHealth starts a new health epoch without a change of usability, so
 // that every fill whose read began before is dropped.
 func (r *redisTier) bumpHealth() { r.health.renew() }
+
+// moved records a move to a new key generation, for movedWithin.
+func (r *redisTier) moved() { r.movedAt.Store(time.Now().UnixNano()) }
+
+// movedWithin reports whether the tier moved to a new key generation in
+// the last d (of any group: which ids a batch holds of each is not worth
+// tracking for so rare an event).
+func (r *redisTier) movedWithin(d time.Duration) bool {
+	at := r.movedAt.Load()
+	return at != 0 && time.Since(time.Unix(0, at)) < d
+}
 
 // refreshGate serves the local tier only while the notice channel is
 // subscribed and Redis is usable: without both, invalidations may be
@@ -1041,7 +1091,7 @@ func (r *redisTier) applyPending(ctx context.Context, only []bool) error {
 		if only != nil && !only[l.groupOf(id)] {
 			continue
 		}
-		execs = append(execs, rueidis.LuaExec{Keys: []string{r.key(id)}, Args: r.invalidateArgs(id, v)})
+		execs = append(execs, rueidis.LuaExec{Keys: r.guardKeys(id), Args: r.invalidateArgs(id, v)})
 		ids = append(ids, id)
 	}
 	// In chunks, each with its own deadline, so a large backlog drains
@@ -1127,7 +1177,7 @@ func (r *redisTier) invalidateMany(ctx context.Context, ids, versions []int64) e
 	c := r.client()
 	execs := make([]rueidis.LuaExec, len(ids))
 	for i, id := range ids {
-		execs[i] = rueidis.LuaExec{Keys: []string{r.key(id)}, Args: r.invalidateArgs(id, versions[i])}
+		execs[i] = rueidis.LuaExec{Keys: r.guardKeys(id), Args: r.invalidateArgs(id, versions[i])}
 	}
 	// In chunks, each with its own deadline, as applyPending does.
 	const chunk = 512
@@ -1138,7 +1188,11 @@ func (r *redisTier) invalidateMany(ctx context.Context, ids, versions []int64) e
 		for _, rr := range res {
 			if err := rr.Error(); err != nil {
 				r.m.invFailed.Inc()
-				r.failed(err)
+				if isStaleGen(err) {
+					r.poke() // the stream delivers them again, into the adopted generation
+				} else {
+					r.failed(err)
+				}
 				return fmt.Errorf("redis invalidate: %w", err)
 			}
 		}
