@@ -155,6 +155,13 @@ type Config struct {
 	Loaders int
 	// LoadTimeout is the deadline of one batch load.
 	LoadTimeout time.Duration
+	// ReplicaMaxLag is how far behind the primary a replica that serves
+	// reads may be (the store's bound, postgres.Options.ReplicaMaxLag;
+	// default 1 s). After the Redis tier moves to a new key generation,
+	// whose empty keys hold none of the tombstones that tell a replica's
+	// old row from the current one, batches read the primary for twice
+	// this long.
+	ReplicaMaxLag time.Duration
 	// Admit, when set, admits each read the loader takes (one per
 	// request, before it joins a load or waits for a batch) or refuses it
 	// with the error the read then returns; done is called when the read
@@ -280,6 +287,9 @@ func New(ctx context.Context, store userapi.Store, cfg Config) (*Store, error) {
 	}
 	if cfg.LoadTimeout <= 0 {
 		cfg.LoadTimeout = DefaultLoadTimeout
+	}
+	if cfg.ReplicaMaxLag <= 0 {
+		cfg.ReplicaMaxLag = time.Second
 	}
 	if cfg.PendingMax <= 0 {
 		cfg.PendingMax = DefaultPendingMax

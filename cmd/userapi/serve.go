@@ -264,20 +264,21 @@ func startCache(ctx context.Context, c *config, store userapi.Store, mode cache.
 	}
 	dbBound, admit := shedding(c, store, log, reg)
 	cached, err := cache.New(ctx, dbBound, cache.Config{
-		Mode:         mode,
-		Coalesce:     c.Coalesce,
-		LocalBytes:   c.CacheBytes,
-		TTL:          c.CacheTTL,
-		NegativeTTL:  c.NegativeTTL,
-		RedisURL:     c.Redis,
-		RedisTimeout: c.RedisTimeout,
-		KeyPrefix:    c.RedisPrefix,
-		MaxBatch:     c.MaxBatch,
-		Loaders:      c.Loaders,
-		Changes:      feed,
-		Admit:        admit,
-		Logger:       log,
-		Registerer:   reg,
+		Mode:          mode,
+		Coalesce:      c.Coalesce,
+		LocalBytes:    c.CacheBytes,
+		TTL:           c.CacheTTL,
+		NegativeTTL:   c.NegativeTTL,
+		RedisURL:      c.Redis,
+		RedisTimeout:  c.RedisTimeout,
+		KeyPrefix:     c.RedisPrefix,
+		MaxBatch:      c.MaxBatch,
+		Loaders:       c.Loaders,
+		ReplicaMaxLag: c.MaxLag,
+		Changes:       feed,
+		Admit:         admit,
+		Logger:        log,
+		Registerer:    reg,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("start cache: %w", err)
