@@ -541,6 +541,7 @@ func (s *Store) lookupRedis(batch []*call, rs readStart, hits, rest []*call) ([]
 			continue
 		case e == nil || e.kind.guards():
 			s.m.redisMiss.Inc()
+			c.checked = true
 			if e != nil {
 				c.guard = e
 			}

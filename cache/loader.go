@@ -62,10 +62,12 @@ type call struct {
 	// callers (set under loader.mu until taken); taken is set, under
 	// loader.mu, when a worker has taken the call into a batch, after which
 	// a caller needing more does not join it. guard is the tombstone or
-	// intent the batch's Redis lookup found for the id.
-	need  userapi.Position
-	taken bool
-	guard *entry
+	// intent the batch's Redis lookup found for the id; checked is set when
+	// that lookup answered for the id (not skipped, not failed).
+	need    userapi.Position
+	taken   bool
+	guard   *entry
+	checked bool
 }
 
 // queueLen bounds the calls waiting for a worker. Calls beyond it wait in

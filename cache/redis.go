@@ -999,15 +999,17 @@ func (r *redisTier) checkPolicy(ctx context.Context) error {
 // starts afresh (for any group: which ids the local tier holds of each is
 // not worth tracking for so rare an event).
 func (r *redisTier) adoptGens(l *layout, gens []int64) {
-	moved := false
+	moved, first := false, true
 	for i, sh := range l.shards {
-		if gens[i] != sh.gen.Load() {
+		if g := sh.gen.Load(); gens[i] != g {
 			sh.setGen(gens[i])
-			moved = true
+			moved, first = true, first && g == 0
 		}
 	}
 	if moved {
-		r.moved()
+		if !first { // a start's adoption leaves every tombstone where it was
+			r.moved()
+		}
 		r.bumpHealth()
 		r.events.flushLocal()
 	}

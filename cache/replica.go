@@ -31,6 +31,15 @@ func (s *Store) loadRouted(ctx context.Context, batch []*call, ids []int64) ([]*
 		// could not be told from the current one (olderThanKnown).
 		sess.Primary = true
 	}
+	for _, c := range batch {
+		if s.redis != nil && !c.checked {
+			// Redis did not answer for it (unusable, failed, or an
+			// invalidation of ours pending): what other instances
+			// wrote is unknown here.
+			sess.Primary = true
+			break
+		}
+	}
 	users, err := s.store.GetUsers(userapi.WithSession(ctx, sess), ids)
 	if err != nil || !sess.Replica {
 		return users, err

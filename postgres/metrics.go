@@ -1,6 +1,7 @@
 package postgres
 
 import (
+	"math"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -109,7 +110,11 @@ func (c *replicaCollector) Collect(ch chan<- prometheus.Metric) {
 	now := time.Now().UnixNano()
 	for _, r := range rt.replicas {
 		ch <- prometheus.MustNewConstMetric(descReplicaLagBytes, prometheus.GaugeValue, float64(r.lagBytes.Load()), r.addr)
-		ch <- prometheus.MustNewConstMetric(descReplicaLagSeconds, prometheus.GaugeValue, time.Duration(r.lagNanos.Load()).Seconds(), r.addr)
+		lag := time.Duration(r.lagNanos.Load()).Seconds()
+		if r.lagNanos.Load() == int64(lagUnknown) {
+			lag = math.Inf(1)
+		}
+		ch <- prometheus.MustNewConstMetric(descReplicaLagSeconds, prometheus.GaugeValue, lag, r.addr)
 		up := 0.0
 		if now-r.seen.Load() <= int64(rt.maxLag) && r.lagNanos.Load() <= int64(rt.maxLag) {
 			up = 1

@@ -213,6 +213,18 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 		return nil, fmt.Errorf("open postgres: %w", err)
 	}
 	if len(opts.Replicas) > 0 {
+		// A write's position is read after its COMMIT returns; with
+		// asynchronous commit that can be before the commit's record, and
+		// a replica that has not replayed the write would qualify.
+		var sc string
+		if err := db.QueryRowContext(ctx, "SHOW synchronous_commit").Scan(&sc); err != nil {
+			s.Close()
+			return nil, fmt.Errorf("open postgres: %w", translate(err))
+		}
+		if sc == "off" {
+			s.Close()
+			return nil, errors.New("open postgres: read replicas need synchronous_commit other than off on the primary (a write's position is read after its commit)")
+		}
 		if s.rt, err = openReplicas(opts.Replicas, cc.Copy(), opts); err != nil {
 			s.Close()
 			return nil, fmt.Errorf("open postgres: %w", err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"sort"
 	"sync"
@@ -303,19 +304,47 @@ func (rt *routing) pollReplica(ctx context.Context, r *replica) {
 }
 
 // lagOf is how long ago the primary was last seen at or before pos: the
-// replica has every commit until then, and misses one made after.
+// replica has every commit until then, and may miss one made after. A
+// replica at the primary's last sample is behind by that sample's age, so
+// a primary no longer sampled (its poll failing) makes every replica
+// lag more and more, never read as caught up; with no sample yet the lag
+// is unknown, which no bound admits.
 func (rt *routing) lagOf(pos userapi.Position, now time.Time) time.Duration {
 	rt.smu.Lock()
 	defer rt.smu.Unlock()
 	// Samples ascend in position: find the first the replica lacks.
 	i := sort.Search(len(rt.samples), func(i int) bool { return rt.samples[i].pos > pos })
 	switch {
-	case i == len(rt.samples):
-		return 0
+	case len(rt.samples) == 0:
+		return lagUnknown
 	case i == 0:
 		return now.Sub(rt.samples[0].first)
 	}
 	return now.Sub(rt.samples[i-1].last)
+}
+
+// lagUnknown is the lag of a replica before the primary's first sample.
+const lagUnknown = time.Duration(math.MaxInt64)
+
+// floorAt is where the primary was at t: a replica that has not replayed
+// this much is more than now−t behind. Read from the samples, so the bound
+// holds for the server that answers a read, whatever the last poll of the
+// replica said (a poll up to a bound old, or a pooler or load balancer
+// that answers from another server). Before the first sample, or with no
+// sample as old as t, it is the primary's oldest known position or, with
+// none, beyond any replica's.
+func (rt *routing) floorAt(t time.Time) userapi.Position {
+	rt.smu.Lock()
+	defer rt.smu.Unlock()
+	if len(rt.samples) == 0 {
+		return userapi.Position(math.MaxUint64)
+	}
+	// The last sample the primary had reached by t.
+	i := sort.Search(len(rt.samples), func(i int) bool { return rt.samples[i].first.After(t) })
+	if i == 0 {
+		return rt.samples[0].pos
+	}
+	return rt.samples[i-1].pos
 }
 
 // pollLoop runs query on a connection of its own to cc every interval and
@@ -381,6 +410,9 @@ func (s *Store) routedUsers(ctx context.Context, need userapi.Position, q string
 		rt.fellBack(fallbackAsked)
 		return s.primaryUsers(ctx, q, args...)
 	}
+	// What the primary had maxLag ago bounds every replica read, checked
+	// by the read itself (replicaUsers), not only by the last poll.
+	need = max(need, rt.floorAt(time.Now().Add(-rt.maxLag)))
 	r, why := rt.pick(need)
 	if r == nil {
 		rt.fellBack(why)

@@ -1,6 +1,7 @@
 package postgres
 
 import (
+	"math"
 	"testing"
 	"time"
 
@@ -30,6 +31,42 @@ func TestReplicaLag(t *testing.T) {
 		if got := rt.lagOf(c.replay, now); got != c.want {
 			t.Errorf("lag at replay %d = %v, want %v", c.replay, got, c.want)
 		}
+	}
+	// The primary's poll stopped 10 minutes ago: a replica at its last
+	// sample is not "caught up", it is at least that far behind.
+	if got := rt.lagOf(300, at(603000)); got != 10*time.Minute {
+		t.Errorf("lag at the last sample, 10 min after it = %v, want 10m", got)
+	}
+	if got := (&routing{}).lagOf(300, now); got != lagUnknown {
+		t.Errorf("lag with no sample of the primary = %v, want unknown", got)
+	}
+}
+
+// TestReplicaFloor: what the primary had maxLag ago bounds every replica
+// read, from the samples.
+func TestReplicaFloor(t *testing.T) {
+	t0 := time.Now()
+	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	rt := &routing{samples: []sample{
+		{pos: 100, first: at(0), last: at(1000)},
+		{pos: 200, first: at(1005), last: at(2000)},
+		{pos: 300, first: at(2005), last: at(3000)},
+	}}
+	for _, c := range []struct {
+		t    time.Time
+		want userapi.Position
+	}{
+		{at(2500), 300}, // the primary had 300 from 2.005 s on
+		{at(1500), 200},
+		{at(1000), 100},
+		{at(-500), 100}, // before every sample: the oldest known
+	} {
+		if got := rt.floorAt(c.t); got != c.want {
+			t.Errorf("floor at %v = %d, want %d", c.t.Sub(t0), got, c.want)
+		}
+	}
+	if got := (&routing{}).floorAt(t0); got != userapi.Position(math.MaxUint64) {
+		t.Errorf("floor with no sample = %d, want beyond every replica", got)
 	}
 }
 

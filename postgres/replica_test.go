@@ -318,3 +318,28 @@ func TestReplicaNotInRecovery(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// TestReplicaRefusesAsyncCommit: with synchronous_commit off a write's
+// position, read after its COMMIT, can be before the commit's record, so a
+// replica would qualify without the write: Open refuses replicas then.
+func TestReplicaRefusesAsyncCommit(t *testing.T) {
+	url := newDatabase(t)
+	opt := "options=-c%20synchronous_commit%3Doff"
+	async := url + "&" + opt
+	if !strings.Contains(url, "?") {
+		async = url + "?" + opt
+	}
+	s, err := postgres.Open(testenv.Context(t), async, postgres.Options{Migrate: true, Replicas: []string{url}})
+	if err == nil {
+		s.Close()
+		t.Fatal("Open with replicas and synchronous_commit=off succeeded")
+	}
+	if !strings.Contains(err.Error(), "need synchronous_commit") {
+		t.Errorf("error %q does not say replicas need synchronous_commit", err)
+	}
+	s, err = postgres.Open(testenv.Context(t), async, postgres.Options{Migrate: true})
+	if err != nil {
+		t.Fatalf("Open without replicas and synchronous_commit=off: %v", err)
+	}
+	s.Close()
+}
