@@ -155,3 +155,30 @@ func TestReplicaRowAfterGenerationMove(t *testing.T) {
 		t.Errorf("after the generation move: B reads %d, the writer A reads %d; the database has %d", vb, va, v2)
 	}
 }
+
+// TestReplicaWithoutRedis: an instance whose Redis does not answer knows
+// nothing of what other instances wrote (no tombstone to compare, no
+// notice), so its batches read the primary, not a lagging replica.
+func TestReplicaWithoutRedis(t *testing.T) {
+	url := needRedis(t)
+	db := newSQLite(t)
+	u := mustCreate(t, db, "noredis@example.com")
+	prefix := testPrefix()
+	a := newCache(t, db, fastTiered(url, prefix)) // the writer, on a healthy Redis
+	eventually(t, 5*time.Second, "A healthy", func() bool { return healthy(a) })
+	dead := startRedis(t)
+	dead.Stop()
+	rep := &lagReplica{Store: db}
+	cfg := fastTiered(dead.URL(), prefix)
+	cfg.Mode = ModeRedis // no local tier: every read asks the loader
+	b := newCache(t, rep, cfg)
+	rep.mu.Lock()
+	rep.old = map[int64]*userapi.User{u.ID: u} // the replica lacks the write below
+	rep.mu.Unlock()
+	v2 := rename(t, a, u.ID, "New").Version
+	for range 5 {
+		if v := version(t, b, u.ID); v != v2 {
+			t.Fatalf("B, its Redis down, reads version %d from a lagging replica; the database has %d", v, v2)
+		}
+	}
+}
