@@ -8,14 +8,21 @@ import (
 	"userapi"
 )
 
-func TestReplicaLag(t *testing.T) {
+// sampled is a routing that sampled the primary at 100 for its first
+// second, at 200 for the next and at 300 for the third; at gives the time
+// ms after it began.
+func sampled() (rt *routing, at func(ms int) time.Time) {
 	t0 := time.Now()
-	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
-	rt := &routing{samples: []sample{
+	at = func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	return &routing{samples: []sample{
 		{pos: 100, first: at(0), last: at(1000)},
 		{pos: 200, first: at(1005), last: at(2000)},
 		{pos: 300, first: at(2005), last: at(3000)},
-	}}
+	}}, at
+}
+
+func TestReplicaLag(t *testing.T) {
+	rt, at := sampled()
 	now := at(3000)
 	for _, c := range []struct {
 		replay userapi.Position
@@ -45,13 +52,7 @@ func TestReplicaLag(t *testing.T) {
 // TestReplicaFloor: what the primary had maxLag ago bounds every replica
 // read, from the samples.
 func TestReplicaFloor(t *testing.T) {
-	t0 := time.Now()
-	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
-	rt := &routing{samples: []sample{
-		{pos: 100, first: at(0), last: at(1000)},
-		{pos: 200, first: at(1005), last: at(2000)},
-		{pos: 300, first: at(2005), last: at(3000)},
-	}}
+	rt, at := sampled()
 	for _, c := range []struct {
 		t    time.Time
 		want userapi.Position
@@ -62,10 +63,10 @@ func TestReplicaFloor(t *testing.T) {
 		{at(-500), 100}, // before every sample: the oldest known
 	} {
 		if got := rt.floorAt(c.t); got != c.want {
-			t.Errorf("floor at %v = %d, want %d", c.t.Sub(t0), got, c.want)
+			t.Errorf("floor at %v = %d, want %d", c.t.Sub(at(0)), got, c.want)
 		}
 	}
-	if got := (&routing{}).floorAt(t0); got != userapi.Position(math.MaxUint64) {
+	if got := (&routing{}).floorAt(at(0)); got != userapi.Position(math.MaxUint64) {
 		t.Errorf("floor with no sample = %d, want beyond every replica", got)
 	}
 }
