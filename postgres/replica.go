@@ -62,9 +62,10 @@ const (
 	fallbackLagging = "lagging" // every replica lags past the bound (or cannot be polled)
 	fallbackFailed  = "failed"  // the replica's read failed
 	fallbackAsked   = "asked"   // the caller asked for the primary (Session.Primary)
+	fallbackNoToken = "no_token" // a list without a session token (see Store.ListUsers)
 )
 
-var fallbackReasons = []string{fallbackBehind, fallbackLagging, fallbackFailed, fallbackAsked}
+var fallbackReasons = []string{fallbackBehind, fallbackLagging, fallbackFailed, fallbackAsked, fallbackNoToken}
 
 // replica is one streaming replica.
 type replica struct {
@@ -111,7 +112,7 @@ type routing struct {
 	head    atomic.Uint64
 
 	primaryReads atomic.Uint64
-	fallbacks    [4]atomic.Uint64 // by fallbackReasons' index
+	fallbacks    [5]atomic.Uint64 // by fallbackReasons' index
 	pollErrors   atomic.Uint64
 
 	cancel context.CancelFunc

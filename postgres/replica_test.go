@@ -113,8 +113,8 @@ func TestReplicaRouting(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n != 3+2+4 {
-		t.Errorf("%d replica series, want 9 (lag bytes, lag seconds, up, reads by primary and by the replica, 4 fallback reasons)", n)
+	if n != 3+2+5 {
+		t.Errorf("%d replica series, want 10 (lag bytes, lag seconds, up, reads by primary and by the replica, 5 fallback reasons)", n)
 	}
 	mfs, err := reg.Gather()
 	if err != nil {
@@ -191,8 +191,14 @@ func sameOnReplica(t *testing.T, s *postgres.Store) {
 		}
 		return string(b)
 	}
-	eventually(t, 10*time.Second, "a list served by the replica", func() bool {
-		sess := &userapi.Session{}
+	// Without a token a list reads the primary: nothing tells it of a
+	// write another instance acknowledged.
+	plain := &userapi.Session{}
+	if _, err := s.ListUsers(userapi.WithSession(ctx, plain), userapi.UserFilter{Limit: userapi.MaxLimit}); err != nil || plain.Replica {
+		t.Fatalf("a list without a token: served by the replica %v, %v", plain.Replica, err)
+	}
+	eventually(t, 10*time.Second, "a list with a token served by the replica", func() bool {
+		sess := &userapi.Session{After: 1}
 		got, err := s.ListUsers(userapi.WithSession(ctx, sess), userapi.UserFilter{Limit: userapi.MaxLimit})
 		if err != nil {
 			t.Fatal(err)

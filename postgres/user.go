@@ -149,13 +149,23 @@ LIMIT $2`
 		limit = userapi.DefaultLimit
 	}
 	if s.rt != nil {
-		need := max(userapi.Position(s.rt.newest.Load()), after(ctx))
+		tok := after(ctx)
+		need := max(userapi.Position(s.rt.newest.Load()), tok)
+		query, args := q, []any{f.AfterID, limit}
+		if f.Email != "" {
+			query, args = qEmail, append(args, f.Email)
+		}
 		var users []*userapi.User
 		var err error
-		if f.Email == "" {
-			users, err = s.routedUsers(ctx, need, q, f.AfterID, limit)
+		if tok == 0 {
+			// Lists are cached nowhere, so no tombstone tells a replica's
+			// page from a write another instance acknowledged; without
+			// the client's token (which names it) only the primary is
+			// sure to have it.
+			s.rt.fellBack(fallbackNoToken)
+			users, err = s.primaryUsers(ctx, query, args...)
 		} else {
-			users, err = s.routedUsers(ctx, need, qEmail, f.AfterID, limit, f.Email)
+			users, err = s.routedUsers(ctx, need, query, args...)
 		}
 		if err != nil {
 			return nil, fmt.Errorf("list users after %d: %w", f.AfterID, translate(err))
