@@ -115,13 +115,21 @@ func (l *localTier) tombstone(id, version int64, ttl time.Duration) {
 // intent marks id as being written, for ttl or until the write's
 // tombstone resolves it: until then no fill is accepted and nothing is
 // served.
+// guardMargin lengthens a local intent beyond the Redis intent it mirrors.
+// The two are set within microseconds of each other and would expire
+// together, but the local tier's clock is not Redis's: a local intent that
+// went first let a read fill the local tier while Redis still refused the
+// same row (the intent), and Redis then stayed without it until the local
+// entry expired, minutes later.
+const guardMargin = 20 * time.Millisecond
+
 func (l *localTier) intent(id int64, ttl time.Duration) {
 	l.c.Compute(id, func(old *entry, found bool) (*entry, otter.ComputeOp) {
 		var v int64
 		if found && old.kind != kindAbsent {
 			v = old.version
 		}
-		return &entry{kind: kindIntent, version: v, ttl: ttl}, otter.WriteOp
+		return &entry{kind: kindIntent, version: v, ttl: ttl + guardMargin}, otter.WriteOp
 	})
 }
 
