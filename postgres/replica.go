@@ -58,10 +58,10 @@ const DefaultReplicaPoll = 5 * time.Millisecond
 
 // The reasons a routable read went to the primary (metric label).
 const (
-	fallbackBehind  = "behind"  // no replica within the lag bound has replayed the read's need
-	fallbackLagging = "lagging" // every replica lags past the bound (or cannot be polled)
-	fallbackFailed  = "failed"  // the replica's read failed
-	fallbackAsked   = "asked"   // the caller asked for the primary (Session.Primary)
+	fallbackBehind  = "behind"   // no replica within the lag bound has replayed the read's need
+	fallbackLagging = "lagging"  // every replica lags past the bound (or cannot be polled)
+	fallbackFailed  = "failed"   // the replica's read failed
+	fallbackAsked   = "asked"    // the caller asked for the primary (Session.Primary)
 	fallbackNoToken = "no_token" // a list without a session token (see Store.ListUsers)
 )
 
