@@ -424,18 +424,22 @@ func fixedLatencyServer(t *testing.T, d time.Duration) string {
 // run whose figures miss is repeated, up to a few times; an error in the
 // generator is systematic and misses in every run.
 //
+// Short attempts, many of them: a burst of other work spoils the one it
+// falls in, and the next may be clear of it.
+//
 // Under the race detector every read and write of the client and the server
-// is instrumented, which adds 40 to 80 µs to a round trip on a quiet 2-core
-// machine; the bounds then allow 0.1 ms more. Timer lateness, the error this
-// test exists for, is 0.5 ms and still fails them.
+// is instrumented, which adds 0.08 to 0.15 ms to the open loop's p50 on a
+// quiet 2-core machine (1.17–1.22 ms, against 1.04–1.07 ms without it); the
+// bounds then allow 0.2 ms more. Timer lateness, the error this test exists
+// for, is 0.4 to 0.5 ms and still fails them.
 func TestKnownLatency(t *testing.T) {
 	const (
 		d        = time.Millisecond
-		attempts = 8
+		attempts = 12
 	)
 	var slack time.Duration
 	if raceEnabled {
-		slack = 100 * time.Microsecond
+		slack = 200 * time.Microsecond
 	}
 	p50, p99 := d+100*time.Microsecond+slack, d+500*time.Microsecond+slack
 	url := fixedLatencyServer(t, d)
@@ -454,8 +458,9 @@ func TestKnownLatency(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := quickConfig(url)
 			cfg.Rate, cfg.Connections = tc.rate, tc.conns
-			// 1,200 samples: the p99 is the 12th slowest.
-			cfg.Requests, cfg.Duration, cfg.Warmup = 1200, 0, 300*time.Millisecond
+			// 800 samples (2 s of the open loop): the p99 is the 8th
+			// slowest.
+			cfg.Requests, cfg.Duration, cfg.Warmup = 800, 0, 300*time.Millisecond
 			var misses []string
 			for range attempts {
 				res, err := Run(context.Background(), cfg, nil)
