@@ -34,7 +34,7 @@ func (c *config) limitFlags(fs *flag.FlagSet) {
 	fs.IntVar(&c.RateBurst, "rate-burst", defaultRateBurst, "requests a client may make at once (its token bucket's size)")
 	fs.StringVar(&c.RateLimitStore, "rate-limit-store", "auto", "where budgets are kept: redis (one budget across instances, failing open to local), local (each instance the budget divided by the live instances counted in Redis, or all of it without Redis), auto (redis when --redis is set)")
 	fs.BoolVar(&c.Shed, "shed", true, "shed database-bound requests beyond an adaptive concurrency limit with 503 (cache hits are never shed)")
-	fs.UintVar(&c.ShedMinLimit, "shed-min-limit", shed.DefaultMinLimit, "the fewest database-bound requests the adaptive limit admits at once; lower it to about the pool size when every read is its own query (--coalesce=false)")
+	fs.UintVar(&c.ShedMinLimit, "shed-min-limit", shed.DefaultMinLimit, "the fewest database-bound requests the adaptive limit admits at once (with --coalesce=false the limit is at most the pool's connections)")
 	fs.DurationVar(&c.ShedMaxWait, "shed-max-wait", shed.DefaultMaxWait, "how long a request may wait for a place under the limit before its 503 (-1ns: refuse at once)")
 	fs.IntVar(&c.MaxConns, "max-conns", http.DefaultMaxConns, "most open client connections (0: no cap)")
 	fs.IntVar(&c.MaxConnsPerIP, "max-conns-per-ip", http.DefaultMaxConnsPerIP, "most open connections per client address, trusted proxies excepted (0: no cap)")
@@ -97,6 +97,25 @@ func shedding(c *config, store userapi.Store, log *slog.Logger, reg prometheus.R
 	if !c.Shed {
 		return store, nil
 	}
-	l := shed.New(shed.Config{MinLimit: c.ShedMinLimit, MaxWait: c.ShedMaxWait, Logger: log, Registerer: reg})
+	cfg := shed.Config{MinLimit: c.ShedMinLimit, MaxWait: c.ShedMaxWait, Logger: log, Registerer: reg}
+	if n := connections(c, store); n > 0 && !c.Coalesce {
+		// Every admitted read is its own query on its own connection:
+		// beyond the pool's connections, an admitted request only waits
+		// in the pool's queue, where the limit cannot see it and its
+		// latency grows by a whole query per connection's worth.
+		cfg.MaxLimit = uint(n)
+		cfg.MinLimit = min(cfg.MinLimit, cfg.MaxLimit)
+	}
+	l := shed.New(cfg)
 	return shed.NewStore(store, l), l.Admit
+}
+
+// connections is how many queries store can run at once: its pool's
+// connections, and as many again on each replica; 0 when it does not say.
+func connections(c *config, store userapi.Store) int {
+	p, ok := store.(interface{ PoolSize() int })
+	if !ok {
+		return 0
+	}
+	return p.PoolSize() * (1 + len(c.Replicas))
 }

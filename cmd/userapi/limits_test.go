@@ -1,0 +1,63 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"testing"
+	"time"
+
+	"userapi"
+)
+
+// pooled is a store that reports its pool's size and nothing else.
+type pooled struct {
+	userapi.Store
+	size int
+}
+
+func (p pooled) PoolSize() int { return p.size }
+
+// TestShedLimitFollowsPool: with --coalesce=false every admitted read is a
+// query of its own, so the shedder admits no more than the connections that
+// can run them (the pool's, and each replica's as many again); a request
+// beyond them would only queue in the pool, unseen by the limit. With
+// coalescing, misses share queries and the limit is the shedder's own.
+func TestShedLimitFollowsPool(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	for _, tc := range []struct {
+		name     string
+		coalesce bool
+		replicas int
+		want     int
+	}{
+		{"uncoalesced", false, 0, 3},
+		{"uncoalesced with a replica", false, 1, 6},
+		{"coalesced", true, 0, 64}, // the default initial limit, 4 × the minimum of 16
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := &config{Shed: true, ShedMinLimit: 16, ShedMaxWait: -time.Nanosecond, Coalesce: tc.coalesce}
+			for range tc.replicas {
+				c.Replicas = append(c.Replicas, "postgres://replica")
+			}
+			_, admit := shedding(c, pooled{size: 3}, log, nil)
+			var dones []func()
+			defer func() {
+				for _, done := range dones {
+					done()
+				}
+			}()
+			for i := range tc.want {
+				done, err := admit(context.Background())
+				if err != nil {
+					t.Fatalf("request %d of %d refused: %v", i+1, tc.want, err)
+				}
+				dones = append(dones, done)
+			}
+			if _, err := admit(context.Background()); !errors.Is(err, userapi.ErrOverloaded) {
+				t.Fatalf("request %d admitted (%v), want ErrOverloaded", tc.want+1, err)
+			}
+		})
+	}
+}
