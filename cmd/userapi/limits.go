@@ -34,7 +34,7 @@ func (c *config) limitFlags(fs *flag.FlagSet) {
 	fs.IntVar(&c.RateBurst, "rate-burst", defaultRateBurst, "requests a client may make at once (its token bucket's size)")
 	fs.StringVar(&c.RateLimitStore, "rate-limit-store", "auto", "where budgets are kept: redis (one budget across instances, failing open to local), local (each instance the budget divided by the live instances counted in Redis, or all of it without Redis), auto (redis when --redis is set)")
 	fs.BoolVar(&c.Shed, "shed", true, "shed database-bound requests beyond an adaptive concurrency limit with 503 (cache hits are never shed)")
-	fs.UintVar(&c.ShedMinLimit, "shed-min-limit", shed.DefaultMinLimit, "the fewest database-bound requests the adaptive limit admits at once (with --coalesce=false the limit is at most the pool's connections)")
+	fs.UintVar(&c.ShedMinLimit, "shed-min-limit", 0, "the fewest database-bound requests the adaptive limit admits at once (0: a batch, --max-batch; with --coalesce=false the limit is at most the pool's connections)")
 	fs.DurationVar(&c.ShedMaxWait, "shed-max-wait", shed.DefaultMaxWait, "how long a request may wait for a place under the limit before its 503 (-1ns: refuse at once)")
 	fs.IntVar(&c.MaxConns, "max-conns", http.DefaultMaxConns, "most open client connections (0: no cap)")
 	fs.IntVar(&c.MaxConnsPerIP, "max-conns-per-ip", http.DefaultMaxConnsPerIP, "most open connections per client address, trusted proxies excepted (0: no cap)")
@@ -93,18 +93,28 @@ func rateLimiter(c *config, log *slog.Logger, reg prometheus.Registerer) (rateli
 
 // shedding puts the load shedder between the cache and store when --shed
 // is on; admit is the cache loader's hook (cache.Config.Admit), nil when off.
+//
+// The limit's bounds follow the database's unit of work. Without
+// coalescing every admitted read is a query of its own on its own
+// connection: beyond the pool's connections an admitted request only waits
+// in the pool's queue, where the limit cannot see it, and its latency grows
+// by a whole query per connection's worth; so the limit is at most the
+// connections. With coalescing one query carries up to --max-batch misses:
+// a limit below a batch refuses reads that would have ridden in a query
+// already being made, so --shed-min-limit 0 (the default) means a batch.
 func shedding(c *config, store userapi.Store, log *slog.Logger, reg prometheus.Registerer) (userapi.Store, func(context.Context) (func(), error)) {
 	if !c.Shed {
 		return store, nil
 	}
 	cfg := shed.Config{MinLimit: c.ShedMinLimit, MaxWait: c.ShedMaxWait, Logger: log, Registerer: reg}
+	if cfg.MinLimit == 0 && c.Coalesce {
+		cfg.MinLimit = uint(max(c.MaxBatch, 1))
+	}
 	if n := connections(c, store); n > 0 && !c.Coalesce {
-		// Every admitted read is its own query on its own connection:
-		// beyond the pool's connections, an admitted request only waits
-		// in the pool's queue, where the limit cannot see it and its
-		// latency grows by a whole query per connection's worth.
 		cfg.MaxLimit = uint(n)
-		cfg.MinLimit = min(cfg.MinLimit, cfg.MaxLimit)
+		if cfg.MinLimit == 0 || cfg.MinLimit > cfg.MaxLimit {
+			cfg.MinLimit = cfg.MaxLimit
+		}
 	}
 	l := shed.New(cfg)
 	return shed.NewStore(store, l), l.Admit

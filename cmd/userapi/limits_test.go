@@ -23,21 +23,25 @@ func (p pooled) PoolSize() int { return p.size }
 // query of its own, so the shedder admits no more than the connections that
 // can run them (the pool's, and each replica's as many again); a request
 // beyond them would only queue in the pool, unseen by the limit. With
-// coalescing, misses share queries and the limit is the shedder's own.
+// coalescing, misses share queries: the limit starts at 4 × its minimum,
+// which is a batch unless --shed-min-limit says otherwise.
 func TestShedLimitFollowsPool(t *testing.T) {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	for _, tc := range []struct {
 		name     string
 		coalesce bool
+		minLimit uint
 		replicas int
 		want     int
 	}{
-		{"uncoalesced", false, 0, 3},
-		{"uncoalesced with a replica", false, 1, 6},
-		{"coalesced", true, 0, 64}, // the default initial limit, 4 × the minimum of 16
+		{"uncoalesced", false, 0, 0, 3},
+		{"uncoalesced, a larger minimum", false, 16, 0, 3},
+		{"uncoalesced with a replica", false, 0, 1, 6},
+		{"coalesced", true, 0, 0, 80},
+		{"coalesced, a minimum", true, 16, 0, 64},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := &config{Shed: true, ShedMinLimit: 16, ShedMaxWait: -time.Nanosecond, Coalesce: tc.coalesce}
+			c := &config{Shed: true, ShedMinLimit: tc.minLimit, ShedMaxWait: -time.Nanosecond, Coalesce: tc.coalesce, MaxBatch: 20}
 			for range tc.replicas {
 				c.Replicas = append(c.Replicas, "postgres://replica")
 			}
