@@ -492,22 +492,16 @@ func (s *Store) replicaUsers(ctx context.Context, r *replica, need userapi.Posit
 
 // writeRow runs q, a write returning at most one row, and hands the row to
 // scan (pgx.ErrNoRows when there is none). With replicas it also returns
-// the position a read must reach to see the write: COMMIT and the position
-// query are pipelined behind the statement, in the same round trip, so the
-// statement's implicit transaction commits at the COMMIT (synchronous
-// commit: its commit record is flushed before the next statement runs)
-// and the flush position read after it is at or past the commit. When the
-// statement fails the server skips the rest and rolls back, as it would
-// for the statement alone. Without replicas it is the statement alone.
+// the position a read must reach to see the write (sendCommit). Without
+// replicas it is the statement alone.
 func (s *Store) writeRow(ctx context.Context, c *pgx.Conn, scan func(pgx.Row) error, q string, args ...any) (userapi.Position, error) {
 	if s.rt == nil {
 		return 0, scan(c.QueryRow(ctx, q, args...))
 	}
-	var b pgx.Batch
-	b.Queue(q, args...)
-	b.Queue("COMMIT")
-	b.Queue(positionQuery)
-	br := c.SendBatch(ctx, &b)
+	br, err := sendCommit(ctx, c, q, args...)
+	if err != nil {
+		return 0, err
+	}
 	defer br.Close()
 	if err := scan(br.QueryRow()); err != nil {
 		return 0, err
@@ -522,11 +516,10 @@ func (s *Store) writeExec(ctx context.Context, c *pgx.Conn, q string, args ...an
 		tag, err := c.Exec(ctx, q, args...)
 		return tag.RowsAffected(), 0, err
 	}
-	var b pgx.Batch
-	b.Queue(q, args...)
-	b.Queue("COMMIT")
-	b.Queue(positionQuery)
-	br := c.SendBatch(ctx, &b)
+	br, err := sendCommit(ctx, c, q, args...)
+	if err != nil {
+		return 0, 0, err
+	}
 	defer br.Close()
 	tag, err := br.Exec()
 	if err != nil {
@@ -534,6 +527,50 @@ func (s *Store) writeExec(ctx context.Context, c *pgx.Conn, q string, args ...an
 	}
 	pos, err := s.commitPosition(br)
 	return tag.RowsAffected(), pos, err
+}
+
+// sendCommit sends the statement q in a transaction of its own, and the
+// query of the primary's flush position after its commit, in one pipeline
+// (one round trip), and reads the BEGIN's result: the next results are q's,
+// the COMMIT's and the position's (commitPosition). Synchronous commit
+// means the commit record is flushed when COMMIT returns, so the position
+// read after it is at or past the commit. The explicit BEGIN turns the
+// pipeline's implicit transaction into a regular block that COMMIT ends; a
+// COMMIT without it ends the implicit one too, but PostgreSQL logs a
+// WARNING ("there is no transaction in progress") for it. When q fails the
+// server skips the rest, and the block stays open, failed, until a
+// ROLLBACK: Close sends it, so the connection goes back to the pool
+// usable (the pool would otherwise close it).
+func sendCommit(ctx context.Context, c *pgx.Conn, q string, args ...any) (pgx.BatchResults, error) {
+	var b pgx.Batch
+	b.Queue("BEGIN")
+	b.Queue(q, args...)
+	b.Queue("COMMIT")
+	b.Queue(positionQuery)
+	br := ownTx{c.SendBatch(ctx, &b), ctx, c}
+	if _, err := br.Exec(); err != nil {
+		br.Close()
+		return nil, err
+	}
+	return br, nil
+}
+
+// ownTx is sendCommit's results: Close ends a block that q's failure left
+// open.
+type ownTx struct {
+	pgx.BatchResults
+	ctx context.Context
+	c   *pgx.Conn
+}
+
+func (t ownTx) Close() error {
+	err := t.BatchResults.Close()
+	if pc := t.c.PgConn(); !pc.IsClosed() && !pc.IsBusy() && pc.TxStatus() != 'I' {
+		if _, rerr := t.c.Exec(t.ctx, "ROLLBACK"); err == nil {
+			err = rerr
+		}
+	}
+	return err
 }
 
 // commitPosition reads the results of the COMMIT and the position query
