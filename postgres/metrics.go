@@ -85,7 +85,7 @@ var (
 	descReplicaLagSeconds = prometheus.NewDesc("userapi_db_replica_lag_seconds",
 		"How long ago the primary was last at or before the replica's replay position (0 when caught up; 3600 until first polled).", []string{"replica"}, nil)
 	descReplicaUp = prometheus.NewDesc("userapi_db_replica_up",
-		"1 when the replica's replay position was read within the lag bound and its lag is within it (it may serve reads).", []string{"replica"}, nil)
+		"1 when the replica answered its poll in the last 100 ms (at most the lag bound) and its lag is within the bound (it may serve reads).", []string{"replica"}, nil)
 	descReads = prometheus.NewDesc("userapi_db_reads_total",
 		"Reads that may go to a replica (the cache's batched loads, lists), by the server that served them.", []string{"role", "replica"}, nil)
 	descFallbacks = prometheus.NewDesc("userapi_db_replica_fallbacks_total",
@@ -116,7 +116,7 @@ func (c *replicaCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(descReplicaLagSeconds, prometheus.GaugeValue, lag, r.addr)
 		up := 0.0
-		if now-r.seen.Load() <= int64(rt.maxLag) && r.lagNanos.Load() <= int64(rt.maxLag) {
+		if rt.usable(r, now) {
 			up = 1
 		}
 		ch <- prometheus.MustNewConstMetric(descReplicaUp, prometheus.GaugeValue, up, r.addr)

@@ -98,8 +98,13 @@ type routing struct {
 	replicas []*replica
 	maxLag   time.Duration
 	interval time.Duration
-	primary  *pgx.ConnConfig // for the position poller
-	next     atomic.Uint32   // round robin
+	// silent is how long a replica may go without answering its poll
+	// and still be picked: a replica that hangs (accepts connections and
+	// never answers) stops being picked after this, not after maxLag, so
+	// only the reads picked before then wait for their timeout.
+	silent  time.Duration
+	primary *pgx.ConnConfig // for the position poller
+	next    atomic.Uint32   // round robin
 
 	mu      sync.Mutex
 	recent  map[int64]userapi.Position // id → newest write acknowledged within the horizon
@@ -126,6 +131,7 @@ func openReplicas(urls []string, primary *pgx.ConnConfig, opts Options) (*routin
 	rt := &routing{
 		maxLag:   opts.ReplicaMaxLag,
 		interval: opts.ReplicaPoll,
+		silent:   min(opts.ReplicaMaxLag, max(20*opts.ReplicaPoll, 100*time.Millisecond)),
 		primary:  primary,
 		recent:   make(map[int64]userapi.Position),
 	}
@@ -237,7 +243,7 @@ func (rt *routing) pick(need userapi.Position) (*replica, string) {
 	reason := fallbackLagging
 	for i := range n {
 		r := rt.replicas[(start+i)%n]
-		if now-r.seen.Load() > int64(rt.maxLag) || r.lagNanos.Load() > int64(rt.maxLag) {
+		if !rt.usable(r, now) {
 			continue
 		}
 		if userapi.Position(r.replay.Load()) < need {
@@ -247,6 +253,12 @@ func (rt *routing) pick(need userapi.Position) (*replica, string) {
 		return r, ""
 	}
 	return nil, reason
+}
+
+// usable reports whether r may serve reads at now (unix nanoseconds): it
+// answered its poll lately and is within the lag bound.
+func (rt *routing) usable(r *replica, now int64) bool {
+	return now-r.seen.Load() <= int64(rt.silent) && r.lagNanos.Load() <= int64(rt.maxLag)
 }
 
 func (rt *routing) fellBack(reason string) {
@@ -424,6 +436,10 @@ func (s *Store) routedUsers(ctx context.Context, need userapi.Position, q string
 	case err != nil && ctx.Err() != nil:
 		return nil, err
 	case err != nil:
+		// Not picked again until its poll answers: a replica that
+		// failed one read (down, or hung past the read's timeout) is
+		// likely to fail the next.
+		r.seen.Store(0)
 		rt.fellBack(fallbackFailed)
 		return s.primaryUsers(ctx, q, args...)
 	case !ok:
@@ -455,7 +471,9 @@ func (s *Store) primaryUsers(ctx context.Context, q string, args ...any) ([]*use
 // before the query's snapshot is taken, that r has replayed need. ok is
 // false when it has not.
 func (s *Store) replicaUsers(ctx context.Context, r *replica, need userapi.Position, q string, args ...any) (users []*userapi.User, ok bool, err error) {
-	ctx, cancel := s.callContext(ctx, s.queryTimeout)
+	// Half the call's budget at most: the primary's read after a replica
+	// that failed keeps the other half.
+	ctx, cancel := s.callContext(ctx, min(s.queryTimeout/2, s.rt.maxLag))
 	defer cancel()
 	pc, err := r.pool.Acquire(ctx)
 	if err != nil {

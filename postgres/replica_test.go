@@ -3,11 +3,14 @@ package postgres_test
 import (
 	"context"
 	"fmt"
+	"net"
 	neturl "net/url"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -367,4 +370,138 @@ func TestReplicaRefusesAsyncCommit(t *testing.T) {
 		t.Fatalf("Open without replicas and synchronous_commit=off: %v", err)
 	}
 	s.Close()
+}
+
+// hangingProxy forwards TCP connections to addr until hang is called; from
+// then on it accepts and holds connections and forwards nothing, like a
+// server that hangs.
+type hangingProxy struct {
+	ln   net.Listener
+	hung atomic.Bool
+}
+
+func newHangingProxy(t *testing.T, addr string) *hangingProxy {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &hangingProxy{ln: ln}
+	var mu sync.Mutex
+	var conns []net.Conn
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			up, err := net.Dial("tcp", addr)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			mu.Lock()
+			conns = append(conns, up)
+			mu.Unlock()
+			go p.pipe(up, c)
+			go p.pipe(c, up)
+		}
+	}()
+	return p
+}
+
+// pipe copies from src to dst until hang; then it reads and drops.
+func (p *hangingProxy) pipe(dst, src net.Conn) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if err != nil {
+			return
+		}
+		if p.hung.Load() {
+			continue
+		}
+		if _, err := dst.Write(buf[:n]); err != nil {
+			return
+		}
+	}
+}
+
+func (p *hangingProxy) hang() { p.hung.Store(true) }
+
+// TestReplicaHangs: a replica that hangs (its connections stay open and
+// answer nothing) is no longer picked once it has missed its polls for a
+// moment, far sooner than the lag bound (5 s here): later reads go
+// straight to the primary instead of each waiting for its timeout there.
+func TestReplicaHangs(t *testing.T) {
+	primary, replica := pgtest.StreamingPair(t, 0)
+	u, err := neturl.Parse(replica)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := newHangingProxy(t, u.Host)
+	u.Host = proxy.ln.Addr().String()
+	s, err := postgres.Open(testenv.Context(t), primary, postgres.Options{
+		Migrate: true, MaxConns: 4, Replicas: []string{u.String()}, ReplicaMaxLag: 5 * time.Second,
+		QueryTimeout: 2 * time.Second,
+	})
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	t.Cleanup(func() { s.Close() })
+	a, _, err := s.CreateUser(testenv.Context(t), userapi.UserCreate{Email: "a@example.com", Name: "A"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "a read served by the replica", func() bool {
+		_, onReplica := read(t, s, 0, a.ID)
+		return onReplica
+	})
+
+	proxy.hang()
+	time.Sleep(300 * time.Millisecond) // about 60 missed polls
+	reg := prometheus.NewPedanticRegistry()
+	s.RegisterMetrics(reg)
+	for range 5 {
+		got, onReplica := read(t, s, 0, a.ID)
+		if onReplica || got[a.ID] != 1 {
+			t.Fatalf("read %v, served by the replica: %v; want version 1 from the primary", got, onReplica)
+		}
+	}
+	if n := fallbacks(t, reg, "failed"); n != 0 {
+		t.Errorf("%v reads were sent to the hung replica and waited for their timeout, want none", n)
+	}
+}
+
+// fallbacks is userapi_db_replica_fallbacks_total{reason} in reg.
+func fallbacks(t *testing.T, reg prometheus.Gatherer, reason string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "userapi_db_replica_fallbacks_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "reason" && l.GetValue() == reason {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	t.Fatalf("no userapi_db_replica_fallbacks_total{reason=%q}", reason)
+	return 0
 }
