@@ -11,7 +11,11 @@
 // whole cluster, so several seeds only help when one of them is down at
 // start. Every query parameter rueidis.ParseURL knows is accepted (addr=,
 // dial_timeout=, …); sentinel_username= and sentinel_password= authenticate
-// to the sentinels, whose credentials may differ from the servers'.
+// to the sentinels, whose credentials may differ from the servers'. With
+// TLS each server (seed, node, sentinel, master) is verified against the
+// host it is dialled by, so a node announced by its IP address needs that
+// address in its certificate; tls_server_name= verifies every one against
+// that name instead (a certificate shared by the nodes, or a wildcard).
 package redisurl
 
 import (
@@ -89,23 +93,24 @@ func Parse(s string) (rueidis.ClientOption, error) {
 	for _, a := range addrs[1:] {
 		q.Add("addr", a)
 	}
-	su, sp := q.Get("sentinel_username"), q.Get("sentinel_password")
+	su, sp, tlsName := q.Get("sentinel_username"), q.Get("sentinel_password"), q.Get("tls_server_name")
 	q.Del("sentinel_username")
 	q.Del("sentinel_password")
+	q.Del("tls_server_name")
 	o, err := rueidis.ParseURL(scheme + "://" + auth + addrs[0] + path + "?" + q.Encode())
 	if err != nil {
 		return o, err
+	}
+	if o.TLSConfig != nil {
+		// Every server is verified against the name it is dialled by: the
+		// other seeds, the cluster's nodes and the master are learnt at
+		// run time, and the first address's name is not theirs.
+		o.TLSConfig.ServerName = tlsName
 	}
 	if sentinel {
 		o.Sentinel.MasterSet = master
 		o.Sentinel.Username, o.Sentinel.Password = su, sp
 		o.Sentinel.TLSConfig = o.TLSConfig
-		if o.TLSConfig != nil {
-			// The servers' names are learnt from the sentinels; verify
-			// each against its own address, not the first sentinel's.
-			o.TLSConfig = o.TLSConfig.Clone()
-			o.TLSConfig.ServerName = ""
-		}
 	} else if o.Sentinel.MasterSet != "" {
 		// rueidis's own spelling, redis://…?master_set=name: accepted.
 		o.Sentinel.Username, o.Sentinel.Password = su, sp

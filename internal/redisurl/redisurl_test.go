@@ -14,6 +14,7 @@ func TestParse(t *testing.T) {
 		user, pw string
 		spw      string
 		tls      bool
+		tlsName  string // the name every server is verified against ("": the one it is dialled by)
 	}{
 		{url: "redis://127.0.0.1:6379/0", addrs: []string{"127.0.0.1:6379"}},
 		{url: "redis://h:7/3", addrs: []string{"h:7"}, db: 3},
@@ -23,6 +24,8 @@ func TestParse(t *testing.T) {
 		{url: "redis-sentinel://127.0.0.1:26400,127.0.0.1:26401/mymaster", addrs: []string{"127.0.0.1:26400", "127.0.0.1:26401"}, master: "mymaster"},
 		{url: "redis-sentinel://:pw@s1:26379/set/2?sentinel_password=spw", addrs: []string{"s1:26379"}, master: "set", db: 2, pw: "pw", spw: "spw"},
 		{url: "rediss-sentinel://s1:26379,s2:26379/set", addrs: []string{"s1:26379", "s2:26379"}, master: "set", tls: true},
+		{url: "rediss://h1:7100?tls_server_name=redis.internal", addrs: []string{"h1:7100"}, tls: true, tlsName: "redis.internal"},
+		{url: "rediss-sentinel://s1,s2/set?tls_server_name=redis.internal", addrs: []string{"s1:26379", "s2:26379"}, master: "set", tls: true, tlsName: "redis.internal"},
 		{url: "redis://s1:26379?addr=s2:26379&master_set=set", addrs: []string{"s1:26379", "s2:26379"}, master: "set"},
 	}
 	for _, tt := range tests {
@@ -36,8 +39,8 @@ func TestParse(t *testing.T) {
 			t.Errorf("Parse(%q) = addrs %v master %q db %d user %q pw %q sentinel pw %q tls %v", tt.url,
 				o.InitAddress, o.Sentinel.MasterSet, o.SelectDB, o.Username, o.Password, o.Sentinel.Password, o.TLSConfig != nil)
 		}
-		if tt.tls && tt.master != "" && (o.Sentinel.TLSConfig == nil || o.TLSConfig.ServerName != "") {
-			t.Errorf("Parse(%q): sentinel TLS %v, server name %q", tt.url, o.Sentinel.TLSConfig != nil, o.TLSConfig.ServerName)
+		if tt.tls && (o.TLSConfig.ServerName != tt.tlsName || tt.master != "" && o.Sentinel.TLSConfig == nil) {
+			t.Errorf("Parse(%q): sentinel TLS %v, server name %q, want %q", tt.url, o.Sentinel.TLSConfig != nil, o.TLSConfig.ServerName, tt.tlsName)
 		}
 	}
 	for _, bad := range []string{
