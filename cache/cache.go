@@ -157,7 +157,7 @@ type Config struct {
 	LoadTimeout time.Duration
 	// ReplicaMaxLag is how far behind the primary a replica that serves
 	// reads may be (the store's bound, postgres.Options.ReplicaMaxLag;
-	// default 1 s). After the Redis tier moves to a new key generation,
+	// default 1 s; less than half of TombstoneTTL). After the Redis tier moves to a new key generation,
 	// whose empty keys hold none of the tombstones that tell a replica's
 	// old row from the current one, batches read the primary for twice
 	// this long.
@@ -290,6 +290,13 @@ func New(ctx context.Context, store userapi.Store, cfg Config) (*Store, error) {
 	}
 	if cfg.ReplicaMaxLag <= 0 {
 		cfg.ReplicaMaxLag = time.Second
+	}
+	// A replica read may miss a write acknowledged up to ReplicaMaxLag
+	// before it, and its fill may land up to half the tombstone's life
+	// after (older fills are dropped): the write's tombstone must still be
+	// there to refuse it.
+	if cfg.ReplicaMaxLag >= cfg.TombstoneTTL/2 {
+		return nil, fmt.Errorf("cache: a replica lag bound of %v needs tombstones that live more than twice as long (%v)", cfg.ReplicaMaxLag, cfg.TombstoneTTL)
 	}
 	if cfg.PendingMax <= 0 {
 		cfg.PendingMax = DefaultPendingMax
@@ -1029,7 +1036,7 @@ func (s *Store) applyChanges(ctx context.Context, changes []userapi.Change) erro
 func (s *Store) missedChanges(ctx context.Context) error {
 	s.m.changesMissed.Inc()
 	if s.redis != nil {
-		return s.redis.moveGeneration(ctx)
+		return s.redis.startAfresh(ctx)
 	}
 	s.flushLocal()
 	return nil

@@ -530,6 +530,14 @@ func decodeEntry(b []byte) (*entry, error) {
 // fill installs database results, guarded by fillScript, in one
 // pipelined round trip of one script call per fillChunk ids. health is the
 // tier's health when the read began.
+//
+// The health is checked again after the groups' run ids and keys are read,
+// and a probe that finds a new run id or generation starts a new health
+// epoch before it stores them: a fill that read a new run id or key has
+// therefore seen the new epoch and is dropped, and one that read the old
+// ones is refused by the new Redis (another run id) or lands in the
+// abandoned generation, which no one reads. A read that began before a
+// failover never fills the Redis after it.
 func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry, health uint64) {
 	m := r.m
 	if r.health.Load() != health || health&1 == 0 {
@@ -569,6 +577,10 @@ func (r *redisTier) fill(ctx context.Context, ids []int64, entries []*entry, hea
 		}
 	}
 	if len(calls) == 0 {
+		return
+	}
+	if r.health.Load() != health {
+		m.fillRedisSkipped.Add(float64(len(ids)))
 		return
 	}
 	c := r.client()
@@ -917,6 +929,7 @@ func (r *redisTier) probeGroups() (same []bool, err error) {
 		}
 		if prev := sh.runID.Load(); prev == nil || *prev != runs[i] {
 			seen = seen || prev != nil
+			r.bumpHealth() // before the store: see fill
 			sh.runID.Store(&runs[i])
 			changed++
 		} else {
@@ -999,18 +1012,20 @@ func (r *redisTier) checkPolicy(ctx context.Context) error {
 // starts afresh (for any group: which ids the local tier holds of each is
 // not worth tracking for so rare an event).
 func (r *redisTier) adoptGens(l *layout, gens []int64) {
-	moved, first := false, true
+	moved := false
 	for i, sh := range l.shards {
 		if g := sh.gen.Load(); gens[i] != g {
+			r.bumpHealth() // before the move: see fill
 			sh.setGen(gens[i])
-			moved, first = true, first && g == 0
+			moved = true
 		}
 	}
 	if moved {
-		if !first { // a start's adoption leaves every tombstone where it was
-			r.moved()
-		}
-		r.bumpHealth()
+		// Even the first adoption: an instance that could not reach
+		// Redis since its start may adopt a generation moved a moment
+		// ago, whose empty keys hold none of the tombstones of the
+		// writes just before.
+		r.moved()
 		r.events.flushLocal()
 	}
 }
@@ -1020,9 +1035,9 @@ func (r *redisTier) adoptGen(sh *shard, g int64) {
 	if g <= sh.gen.Load() {
 		return
 	}
+	r.bumpHealth() // before the move: see fill
 	sh.setGen(g)
 	r.moved()
-	r.bumpHealth()
 	r.events.flushLocal()
 }
 
@@ -1069,7 +1084,7 @@ func (r *redisTier) applyPending(ctx context.Context, only []bool) error {
 		if err := r.moveGeneration(ctx); err != nil {
 			return err
 		}
-		r.log.Warn("redis: too many invalidations missed, moved to a new key generation", "gen", r.shards()[0].gen.Load())
+		r.log.Warn("redis: invalidations missed, moved to a new key generation", "gen", r.shards()[0].gen.Load())
 		r.pmu.Lock()
 		clear(r.pending)
 		r.npending.Store(0)
@@ -1135,6 +1150,22 @@ func (r *redisTier) applyPending(ctx context.Context, only []bool) error {
 		return fmt.Errorf("redis apply invalidations: %w", errs)
 	}
 	return nil
+}
+
+// startAfresh moves every instance to a new, empty key generation, for
+// changes that were missed. A move Redis did not take (down, or one shard
+// of a cluster down) is owed, as for an overflow of the pending
+// invalidations: the tier serves nothing until recover has made it. The
+// change stream does not ask again: a new slot, once created, is not new
+// the next time.
+func (r *redisTier) startAfresh(ctx context.Context) error {
+	err := r.moveGeneration(ctx)
+	if err != nil {
+		r.overflowed.Store(true)
+		r.events.flushLocal()
+		r.poke()
+	}
+	return err
 }
 
 // moveGeneration moves every instance to a new, empty key generation: for

@@ -529,3 +529,88 @@ func TestRedisOlderThanLocalTombstone(t *testing.T) {
 		t.Errorf("read after the write = version %d, want %d (Redis's older value was served)", v, nu.Version)
 	}
 }
+
+// TestOwedGenerationMove: a move to a new generation that Redis does not
+// take (the change stream found changes missed while Redis hung) is owed:
+// the instance that owes it moves every instance once Redis answers, so
+// the rows changed meanwhile, which no one invalidated, are not served
+// from the old generation until their TTL. The change stream asks only
+// once: a new slot is not new the next time.
+func TestOwedGenerationMove(t *testing.T) {
+	srv := startRedis(t)
+	db := newSQLite(t)
+	var users []*userapi.User
+	for i := range 3 {
+		users = append(users, mustCreate(t, db, fmt.Sprintf("owed%d@example.com", i)))
+	}
+	prefix := testPrefix()
+	a := newCache(t, db, fastTiered(srv.URL(), prefix))
+	b := newCache(t, db, fastTiered(srv.URL(), prefix))
+	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	for _, u := range users {
+		version(t, a, u.ID)
+		version(t, b, u.ID)
+	}
+	before := a.redis.shards()[0].gen.Load()
+	srv.Pause()
+	if err := a.missedChanges(testenv.Context(t)); err == nil {
+		t.Fatal("a move to a new generation succeeded with Redis paused")
+	}
+	for _, u := range users { // the changes no one saw
+		if _, err := db.UpdateUser(testenv.Context(t), u.ID, userapi.UserUpdate{Name: ptr("Unseen")}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	srv.Resume()
+	eventually(t, 5*time.Second, "both on a new generation", func() bool {
+		g := a.redis.shards()[0].gen.Load()
+		return g != before && b.redis.shards()[0].gen.Load() == g && healthy(a) && healthy(b)
+	})
+	for _, c := range []*Store{a, b} {
+		for _, u := range users {
+			if v := version(t, c, u.ID); v != 2 {
+				t.Errorf("after the move: version %d, want 2", v)
+			}
+		}
+	}
+}
+
+// TestFirstAdoptionIsAMove: an instance that could not reach Redis since
+// its start may adopt a generation another instance moved a moment ago,
+// whose empty keys hold none of the tombstones of the writes just before
+// the move: its first adoption counts as a move too, so its batches read
+// the primary, not a replica, for a while (movedWithin).
+func TestFirstAdoptionIsAMove(t *testing.T) {
+	srv := startRedis(t)
+	srv.Stop()
+	c := newCache(t, newSQLite(t), fastTiered(srv.URL(), testPrefix()))
+	srv.Start()
+	eventually(t, 5*time.Second, "healthy once Redis is up", func() bool { return healthy(c) })
+	if !c.redis.movedWithin(time.Minute) {
+		t.Error("the first adoption of a generation was not taken as a move")
+	}
+}
+
+// TestReplicaLagBoundUnderTombstones: a replica lag bound of half the
+// tombstones' life or more is refused: a replica read could miss a write
+// whose tombstone expired before the read's fill landed.
+func TestReplicaLagBoundUnderTombstones(t *testing.T) {
+	db := newSQLite(t)
+	for _, tc := range []struct {
+		lag, tombstone time.Duration
+		ok             bool
+	}{
+		{time.Second, 0, true},
+		{4 * time.Second, 10 * time.Second, true},
+		{5 * time.Second, 10 * time.Second, false},
+		{5 * time.Second, 20 * time.Second, true},
+	} {
+		c, err := New(testenv.Context(t), db, Config{Mode: ModeLocal, ReplicaMaxLag: tc.lag, TombstoneTTL: tc.tombstone})
+		if err == nil {
+			c.Close()
+		}
+		if (err == nil) != tc.ok {
+			t.Errorf("lag bound %v, tombstones %v: err %v, want ok %v", tc.lag, tc.tombstone, err, tc.ok)
+		}
+	}
+}

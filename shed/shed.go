@@ -99,7 +99,10 @@ func New(cfg Config) *Limiter {
 		// samples: one that starts far above what the database can take
 		// at once learns a queue as the baseline, and does not come down
 		// when started under a flood.
-		cfg.InitialLimit = min(initialPerMin*cfg.MinLimit, cfg.MaxLimit)
+		cfg.InitialLimit = cfg.MaxLimit
+		if cfg.MinLimit <= cfg.MaxLimit/initialPerMin {
+			cfg.InitialLimit = initialPerMin * cfg.MinLimit
+		}
 	}
 	if cfg.Window <= 0 {
 		cfg.Window = DefaultWindow

@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"userapi"
+	"userapi/cache"
 	"userapi/http"
 	"userapi/ratelimit"
 	"userapi/shed"
@@ -108,24 +109,19 @@ func shedding(c *config, store userapi.Store, log *slog.Logger, reg prometheus.R
 	}
 	cfg := shed.Config{MinLimit: c.ShedMinLimit, MaxWait: c.ShedMaxWait, Logger: log, Registerer: reg}
 	if cfg.MinLimit == 0 && c.Coalesce {
-		cfg.MinLimit = uint(max(c.MaxBatch, 1))
+		cfg.MinLimit = uint(cache.DefaultMaxBatch)
+		if c.MaxBatch > 0 {
+			cfg.MinLimit = uint(c.MaxBatch)
+		}
 	}
-	if n := connections(c, store); n > 0 && !c.Coalesce {
-		cfg.MaxLimit = uint(n)
+	// An uncoalesced read is a GetUser, which reads the primary: its
+	// pool is what the limit is about, replicas or not.
+	if p, ok := store.(interface{ PoolSize() int }); ok && p.PoolSize() > 0 && !c.Coalesce {
+		cfg.MaxLimit = uint(p.PoolSize())
 		if cfg.MinLimit == 0 || cfg.MinLimit > cfg.MaxLimit {
 			cfg.MinLimit = cfg.MaxLimit
 		}
 	}
 	l := shed.New(cfg)
 	return shed.NewStore(store, l), l.Admit
-}
-
-// connections is how many queries store can run at once: its pool's
-// connections, and as many again on each replica; 0 when it does not say.
-func connections(c *config, store userapi.Store) int {
-	p, ok := store.(interface{ PoolSize() int })
-	if !ok {
-		return 0
-	}
-	return p.PoolSize() * (1 + len(c.Replicas))
 }
