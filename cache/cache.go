@@ -295,7 +295,7 @@ func New(ctx context.Context, store userapi.Store, cfg Config) (*Store, error) {
 	// before it, and its fill may land up to half the tombstone's life
 	// after (older fills are dropped): the write's tombstone must still be
 	// there to refuse it.
-	if cfg.ReplicaMaxLag >= cfg.TombstoneTTL/2 {
+	if rr, ok := store.(userapi.ReplicaReader); ok && rr.ReadsReplicas() && cfg.ReplicaMaxLag >= cfg.TombstoneTTL/2 {
 		return nil, fmt.Errorf("cache: a replica lag bound of %v needs tombstones that live more than twice as long (%v)", cfg.ReplicaMaxLag, cfg.TombstoneTTL)
 	}
 	if cfg.PendingMax <= 0 {

@@ -223,6 +223,10 @@ type redisTier struct {
 	pending    map[int64]int64
 	npending   atomic.Int64
 	overflowed atomic.Bool // pending hit PendingMax: drop the namespace
+	// owed counts the moves to a new generation that Redis did not take
+	// (startAfresh); recover makes one and takes back the ones it covers.
+	// The pending invalidations are complete, and still applied.
+	owed atomic.Uint64
 
 	fills chan fillJob // the loader's fills, for filler
 
@@ -365,7 +369,7 @@ func (r *redisTier) key(id int64) string { return r.lay.Load().shardOf(id).key(i
 // readable reports whether id may be read from (or filled into) Redis: the
 // tier is healthy and no invalidation of id is waiting to be applied.
 func (r *redisTier) readable(id int64) bool {
-	if !r.usable() || r.overflowed.Load() {
+	if !r.usable() || r.overflowed.Load() || r.owed.Load() > 0 {
 		return false
 	}
 	if r.npending.Load() == 0 {
@@ -858,7 +862,7 @@ func (r *redisTier) recover() {
 		}
 		return
 	}
-	if r.usable() && r.npending.Load() == 0 && !r.overflowed.Load() {
+	if r.usable() && r.npending.Load() == 0 && !r.overflowed.Load() && r.owed.Load() == 0 {
 		return
 	}
 	if err := r.applyPending(r.ctx, nil); err != nil {
@@ -1080,11 +1084,12 @@ func (r *redisTier) refreshGate() {
 // recover), and nothing is moved.
 func (r *redisTier) applyPending(ctx context.Context, only []bool) error {
 	c := r.client()
-	if r.overflowed.Load() && only == nil {
+	if owed := r.owed.Load(); (r.overflowed.Load() || owed > 0) && only == nil {
 		if err := r.moveGeneration(ctx); err != nil {
 			return err
 		}
 		r.log.Warn("redis: invalidations missed, moved to a new key generation", "gen", r.shards()[0].gen.Load())
+		r.owed.CompareAndSwap(owed, 0) // one owed meanwhile is still owed
 		r.pmu.Lock()
 		clear(r.pending)
 		r.npending.Store(0)
@@ -1154,14 +1159,13 @@ func (r *redisTier) applyPending(ctx context.Context, only []bool) error {
 
 // startAfresh moves every instance to a new, empty key generation, for
 // changes that were missed. A move Redis did not take (down, or one shard
-// of a cluster down) is owed, as for an overflow of the pending
-// invalidations: the tier serves nothing until recover has made it. The
-// change stream does not ask again: a new slot, once created, is not new
-// the next time.
+// of a cluster down) is owed: the tier reads and fills nothing until
+// recover has made it, while invalidations go on. The change stream does
+// not ask again: a new slot, once created, is not new the next time.
 func (r *redisTier) startAfresh(ctx context.Context) error {
 	err := r.moveGeneration(ctx)
 	if err != nil {
-		r.overflowed.Store(true)
+		r.owed.Add(1)
 		r.events.flushLocal()
 		r.poke()
 	}

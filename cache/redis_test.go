@@ -531,7 +531,8 @@ func TestRedisOlderThanLocalTombstone(t *testing.T) {
 }
 
 // TestOwedGenerationMove: a move to a new generation that Redis does not
-// take (the change stream found changes missed while Redis hung) is owed:
+// take (the change stream found changes missed while Redis refused writes)
+// is owed:
 // the instance that owes it moves every instance once Redis answers, so
 // the rows changed meanwhile, which no one invalidated, are not served
 // from the old generation until their TTL. The change stream asks only
@@ -552,16 +553,25 @@ func TestOwedGenerationMove(t *testing.T) {
 		version(t, b, u.ID)
 	}
 	before := a.redis.shards()[0].gen.Load()
-	srv.Pause()
+	// Out of memory, Redis refuses the move's write at once; a paused
+	// Redis would run the timed-out call when resumed.
+	if err := srv.Do("CONFIG", "SET", "maxmemory-policy", "noeviction"); err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Do("CONFIG", "SET", "maxmemory", "1"); err != nil {
+		t.Fatal(err)
+	}
 	if err := a.missedChanges(testenv.Context(t)); err == nil {
-		t.Fatal("a move to a new generation succeeded with Redis paused")
+		t.Fatal("a move to a new generation succeeded with Redis out of memory")
 	}
 	for _, u := range users { // the changes no one saw
 		if _, err := db.UpdateUser(testenv.Context(t), u.ID, userapi.UserUpdate{Name: ptr("Unseen")}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	srv.Resume()
+	if err := srv.Do("CONFIG", "SET", "maxmemory", "0"); err != nil {
+		t.Fatal(err)
+	}
 	eventually(t, 5*time.Second, "both on a new generation", func() bool {
 		g := a.redis.shards()[0].gen.Load()
 		return g != before && b.redis.shards()[0].gen.Load() == g && healthy(a) && healthy(b)
@@ -594,23 +604,34 @@ func TestFirstAdoptionIsAMove(t *testing.T) {
 // TestReplicaLagBoundUnderTombstones: a replica lag bound of half the
 // tombstones' life or more is refused: a replica read could miss a write
 // whose tombstone expired before the read's fill landed.
+// Without replicas the bound means nothing and is not checked.
 func TestReplicaLagBoundUnderTombstones(t *testing.T) {
 	db := newSQLite(t)
 	for _, tc := range []struct {
 		lag, tombstone time.Duration
-		ok             bool
+		replicas, ok   bool
 	}{
-		{time.Second, 0, true},
-		{4 * time.Second, 10 * time.Second, true},
-		{5 * time.Second, 10 * time.Second, false},
-		{5 * time.Second, 20 * time.Second, true},
+		{time.Second, 0, true, true},
+		{4 * time.Second, 10 * time.Second, true, true},
+		{5 * time.Second, 10 * time.Second, true, false},
+		{5 * time.Second, 20 * time.Second, true, true},
+		{5 * time.Second, 10 * time.Second, false, true},
 	} {
-		c, err := New(testenv.Context(t), db, Config{Mode: ModeLocal, ReplicaMaxLag: tc.lag, TombstoneTTL: tc.tombstone})
+		var store userapi.Store = db
+		if tc.replicas {
+			store = readsReplicas{db}
+		}
+		c, err := New(testenv.Context(t), store, Config{Mode: ModeLocal, ReplicaMaxLag: tc.lag, TombstoneTTL: tc.tombstone})
 		if err == nil {
 			c.Close()
 		}
 		if (err == nil) != tc.ok {
-			t.Errorf("lag bound %v, tombstones %v: err %v, want ok %v", tc.lag, tc.tombstone, err, tc.ok)
+			t.Errorf("lag bound %v, tombstones %v, replicas %v: err %v, want ok %v", tc.lag, tc.tombstone, tc.replicas, err, tc.ok)
 		}
 	}
 }
+
+// readsReplicas is a store that says it reads replicas.
+type readsReplicas struct{ userapi.Store }
+
+func (readsReplicas) ReadsReplicas() bool { return true }

@@ -339,7 +339,7 @@ func TestReplicaNotInRecovery(t *testing.T) {
 	}
 	reg := prometheus.NewPedanticRegistry()
 	s.RegisterMetrics(reg)
-	want := "# HELP userapi_db_replica_up 1 when the replica's replay position was read within the lag bound and its lag is within it (it may serve reads).\n# TYPE userapi_db_replica_up gauge\n"
+	want := "# HELP userapi_db_replica_up 1 when the replica answered its poll in the last 100 ms (at most the lag bound) and its lag is within the bound (it may serve reads).\n# TYPE userapi_db_replica_up gauge\n"
 	u2, _ := neturl.Parse(url)
 	want += fmt.Sprintf("userapi_db_replica_up{replica=%q} 0\n", u2.Host)
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "userapi_db_replica_up"); err != nil {
