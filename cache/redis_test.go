@@ -619,7 +619,7 @@ func TestReplicaLagBoundUnderTombstones(t *testing.T) {
 	} {
 		var store userapi.Store = db
 		if tc.replicas {
-			store = readsReplicas{db}
+			store = replicaSQLite{db}
 		}
 		c, err := New(testenv.Context(t), store, Config{Mode: ModeLocal, ReplicaMaxLag: tc.lag, TombstoneTTL: tc.tombstone})
 		if err == nil {
@@ -630,8 +630,3 @@ func TestReplicaLagBoundUnderTombstones(t *testing.T) {
 		}
 	}
 }
-
-// readsReplicas is a store that says it reads replicas.
-type readsReplicas struct{ userapi.Store }
-
-func (readsReplicas) ReadsReplicas() bool { return true }

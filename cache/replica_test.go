@@ -240,28 +240,8 @@ FROM generate_series(1, $1) AS g`, users)
 // routedReads sums userapi_db_reads_total by role.
 func routedReads(t *testing.T, reg *prometheus.Registry) (replica, primary float64) {
 	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != "userapi_db_reads_total" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() != "role" {
-					continue
-				}
-				if l.GetValue() == "replica" {
-					replica += m.GetCounter().GetValue()
-				} else {
-					primary += m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return replica, primary
+	return testenv.Sum(t, reg, "userapi_db_reads_total", "role", "replica"),
+		testenv.Sum(t, reg, "userapi_db_reads_total", "role", "primary")
 }
 
 // replicaSQLite is a SQLite store that says it reads replicas, so the cache

@@ -478,30 +478,7 @@ func TestReplicaHangs(t *testing.T) {
 			t.Fatalf("read %v, served by the replica: %v; want version 1 from the primary", got, onReplica)
 		}
 	}
-	if n := fallbacks(t, reg, "failed"); n != 0 {
+	if n := testenv.Sum(t, reg, "userapi_db_replica_fallbacks_total", "reason", "failed"); n != 0 {
 		t.Errorf("%v reads were sent to the hung replica and waited for their timeout, want none", n)
 	}
-}
-
-// fallbacks is userapi_db_replica_fallbacks_total{reason} in reg.
-func fallbacks(t *testing.T, reg prometheus.Gatherer, reason string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != "userapi_db_replica_fallbacks_total" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "reason" && l.GetValue() == reason {
-					return m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	t.Fatalf("no userapi_db_replica_fallbacks_total{reason=%q}", reason)
-	return 0
 }

@@ -3,6 +3,7 @@ package pgtest
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -175,11 +176,16 @@ func clusterDir(tb testing.TB) string {
 	return dir
 }
 
-// freeClusterPort returns the first port of the range nothing listens on.
-// A cluster listens once started, so the next one gets another port.
+// freeClusterPort returns a port of the range nothing listens on, looking
+// from a random one: a cluster listens once started, so the next one gets
+// another port, and test binaries run side by side (go test without -p 1)
+// seldom pick the same one between the check and the start.
 func freeClusterPort(tb testing.TB) int {
 	tb.Helper()
-	for p := ClusterPortLow; p <= ClusterPortHigh; p++ {
+	n := ClusterPortHigh - ClusterPortLow + 1
+	first := rand.IntN(n)
+	for i := range n {
+		p := ClusterPortLow + (first+i)%n
 		ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
 		if err != nil {
 			continue
