@@ -326,3 +326,17 @@ func startRedisSaving(tb testing.TB) *testenv.RedisServer {
 	r.Start()
 	return r
 }
+
+// warmPair starts two instances with cfg over db, waits until both are
+// healthy and has each read every id once (Redis and both local tiers
+// then hold them).
+func warmPair(t *testing.T, db userapi.Store, cfg Config, ids []int64) (a, b *Store) {
+	t.Helper()
+	a, b = newCache(t, db, cfg), newCache(t, db, cfg)
+	eventually(t, 10*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	for _, id := range ids {
+		version(t, a, id)
+		version(t, b, id)
+	}
+	return a, b
+}

@@ -319,14 +319,7 @@ func TestRedisClusterManualFailover(t *testing.T) {
 	rc := testenv.StartRedisCluster(t, 0, 3, 1)
 	db := newSQLite(t)
 	ids := createUsers(t, db, "mf", 64)
-	prefix := testPrefix()
-	a := newCache(t, db, fastTiered(rc.URL(), prefix))
-	b := newCache(t, db, fastTiered(rc.URL(), prefix))
-	eventually(t, 10*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
-	for _, id := range ids {
-		version(t, a, id)
-		version(t, b, id)
-	}
+	a, b := warmPair(t, db, fastTiered(rc.URL(), testPrefix()), ids)
 	gens := func(c *Store) []int64 {
 		var g []int64
 		for _, sh := range c.redis.shards() {
@@ -396,14 +389,7 @@ func TestRedisSentinelManualFailover(t *testing.T) {
 	ss := testenv.StartSentinelSet(t, "userapi-mf", 12, 1, 3, 3)
 	db := newSQLite(t)
 	ids := createUsers(t, db, "smf", 16)
-	prefix := testPrefix()
-	a := newCache(t, db, fastTiered(ss.URL(), prefix))
-	b := newCache(t, db, fastTiered(ss.URL(), prefix))
-	eventually(t, 10*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
-	for _, id := range ids {
-		version(t, a, id)
-		version(t, b, id)
-	}
+	a, b := warmPair(t, db, fastTiered(ss.URL(), testPrefix()), ids)
 	before := a.redis.shards()[0].gen.Load()
 	if _, err := ss.Sentinels[0].Do("SENTINEL", "FAILOVER", ss.Name); err != nil {
 		t.Fatal(err)

@@ -232,29 +232,19 @@ func TestRedisStalled(t *testing.T) {
 func TestPendingOverflow(t *testing.T) {
 	srv := startRedis(t)
 	db := newSQLite(t)
-	var users []*userapi.User
-	for i := range 3 {
-		users = append(users, mustCreate(t, db, fmt.Sprintf("o%d@example.com", i)))
-	}
-	prefix := testPrefix()
-	cfg := fastTiered(srv.URL(), prefix)
+	ids := createUsers(t, db, "o", 3)
+	cfg := fastTiered(srv.URL(), testPrefix())
 	cfg.PendingMax = 2
-	a := newCache(t, db, cfg)
-	b := newCache(t, db, cfg)
-	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
-	for _, u := range users {
-		version(t, a, u.ID)
-		version(t, b, u.ID)
-	}
+	a, b := warmPair(t, db, cfg, ids)
 	srv.Pause()
-	for _, u := range users {
-		rename(t, a, u.ID, "Overflow")
+	for _, id := range ids {
+		rename(t, a, id, "Overflow")
 	}
 	if !a.redis.overflowed.Load() {
 		t.Fatal("pending set did not overflow")
 	}
-	for _, u := range users {
-		if v := version(t, a, u.ID); v != 2 {
+	for _, id := range ids {
+		if v := version(t, a, id); v != 2 {
 			t.Errorf("A read its write as version %d", v)
 		}
 	}
@@ -265,11 +255,11 @@ func TestPendingOverflow(t *testing.T) {
 		return g > before && b.redis.shards()[0].gen.Load() == g && healthy(a) && healthy(b)
 	})
 	for _, c := range []*Store{a, b} {
-		for _, u := range users {
-			if v := version(t, c, u.ID); v != 2 {
+		for _, id := range ids {
+			if v := version(t, c, id); v != 2 {
 				t.Errorf("after the new generation: version %d, want 2", v)
 			}
-			checkTiers(t, c, db, u.ID)
+			checkTiers(t, c, db, id)
 		}
 	}
 }
@@ -540,18 +530,8 @@ func TestRedisOlderThanLocalTombstone(t *testing.T) {
 func TestOwedGenerationMove(t *testing.T) {
 	srv := startRedis(t)
 	db := newSQLite(t)
-	var users []*userapi.User
-	for i := range 3 {
-		users = append(users, mustCreate(t, db, fmt.Sprintf("owed%d@example.com", i)))
-	}
-	prefix := testPrefix()
-	a := newCache(t, db, fastTiered(srv.URL(), prefix))
-	b := newCache(t, db, fastTiered(srv.URL(), prefix))
-	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
-	for _, u := range users {
-		version(t, a, u.ID)
-		version(t, b, u.ID)
-	}
+	ids := createUsers(t, db, "owed", 3)
+	a, b := warmPair(t, db, fastTiered(srv.URL(), testPrefix()), ids)
 	before := a.redis.shards()[0].gen.Load()
 	// Out of memory, Redis refuses the move's write at once; a paused
 	// Redis would run the timed-out call when resumed.
@@ -564,8 +544,8 @@ func TestOwedGenerationMove(t *testing.T) {
 	if err := a.missedChanges(testenv.Context(t)); err == nil {
 		t.Fatal("a move to a new generation succeeded with Redis out of memory")
 	}
-	for _, u := range users { // the changes no one saw
-		if _, err := db.UpdateUser(testenv.Context(t), u.ID, userapi.UserUpdate{Name: ptr("Unseen")}); err != nil {
+	for _, id := range ids { // the changes no one saw
+		if _, err := db.UpdateUser(testenv.Context(t), id, userapi.UserUpdate{Name: ptr("Unseen")}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -577,8 +557,8 @@ func TestOwedGenerationMove(t *testing.T) {
 		return g != before && b.redis.shards()[0].gen.Load() == g && healthy(a) && healthy(b)
 	})
 	for _, c := range []*Store{a, b} {
-		for _, u := range users {
-			if v := version(t, c, u.ID); v != 2 {
+		for _, id := range ids {
+			if v := version(t, c, id); v != 2 {
 				t.Errorf("after the move: version %d, want 2", v)
 			}
 		}
