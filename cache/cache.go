@@ -478,11 +478,13 @@ func (s *Store) GetUserEncoded(ctx context.Context, id int64) (userapi.Encoded, 
 // database.
 func (s *Store) redisLookup(ctx context.Context, id int64) (enc userapi.Encoded, found bool, err error) {
 	r := s.redis
+	// The local epoch before readable: a flush between the two (an owed
+	// move, startAfresh) then refuses this lookup's local fill.
+	st := s.state.Load()
 	if !r.readable(id) {
 		s.m.redisSkip.Inc()
 		return enc, false, errRedisSkipped
 	}
-	st := s.state.Load()
 	start := time.Now()
 	e, err := r.get(ctx, id)
 	if err != nil {

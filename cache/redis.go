@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"slices"
 	"strconv"
@@ -223,9 +224,12 @@ type redisTier struct {
 	pending    map[int64]int64
 	npending   atomic.Int64
 	overflowed atomic.Bool // pending hit PendingMax: drop the namespace
+	dropped    uint64      // invalidations not remembered for it (under pmu)
 	// owed counts the moves to a new generation that Redis did not take
 	// (startAfresh); recover makes one and takes back the ones it covers.
-	// The pending invalidations are complete, and still applied.
+	// The pending invalidations are complete: they go on being applied to
+	// the shards that answer, and the move makes unneeded only those
+	// remembered before it.
 	owed atomic.Uint64
 
 	fills chan fillJob // the loader's fills, for filler
@@ -797,6 +801,7 @@ func (r *redisTier) remember(id, version int64) {
 	}
 	if len(r.pending) >= r.cfg.PendingMax {
 		r.overflowed.Store(true)
+		r.dropped++
 		return
 	}
 	r.pending[id] = version
@@ -1085,17 +1090,30 @@ func (r *redisTier) refreshGate() {
 func (r *redisTier) applyPending(ctx context.Context, only []bool) error {
 	c := r.client()
 	if owed := r.owed.Load(); (r.overflowed.Load() || owed > 0) && only == nil {
+		// The move makes the invalidations remembered before it
+		// unneeded (the new generation is empty), not the ones
+		// remembered while it runs: those writes may be read from the
+		// database by another instance, already in the new generation,
+		// and filled there. They are applied below.
+		r.pmu.Lock()
+		before, dropped := maps.Clone(r.pending), r.dropped
+		r.pmu.Unlock()
 		if err := r.moveGeneration(ctx); err != nil {
 			return err
 		}
 		r.log.Warn("redis: invalidations missed, moved to a new key generation", "gen", r.shards()[0].gen.Load())
 		r.owed.CompareAndSwap(owed, 0) // one owed meanwhile is still owed
 		r.pmu.Lock()
-		clear(r.pending)
-		r.npending.Store(0)
-		r.overflowed.Store(false)
+		for id, v := range before {
+			if cur, ok := r.pending[id]; ok && cur <= v {
+				delete(r.pending, id)
+			}
+		}
+		r.npending.Store(int64(len(r.pending)))
+		if r.dropped == dropped { // none lost meanwhile
+			r.overflowed.Store(false)
+		}
 		r.pmu.Unlock()
-		return nil
 	}
 	r.pmu.Lock()
 	snap := make(map[int64]int64, len(r.pending))

@@ -610,3 +610,37 @@ func TestReplicaLagBoundUnderTombstones(t *testing.T) {
 		}
 	}
 }
+
+// TestInvalidationDuringMove: an invalidation remembered while a move to a
+// new generation is under way (a write acknowledged meanwhile, which Redis
+// did not take) is applied in the new generation, not dropped with the
+// ones the move made unneeded: another instance may read the row's old
+// version from the database and fill the new generation with it.
+func TestInvalidationDuringMove(t *testing.T) {
+	srv := startRedis(t)
+	db := newSQLite(t)
+	ids := createUsers(t, db, "during", 2)
+	cfg := fastTiered(srv.URL(), testPrefix())
+	cfg.probeInterval = time.Hour // the test calls applyPending itself
+	cfg.RedisTimeout = 200 * time.Millisecond
+	a := newCache(t, db, cfg)
+	eventually(t, 5*time.Second, "healthy", func() bool { return redisUsable(a) })
+	r := a.redis
+	r.remember(ids[0], 5) // made unneeded by the move
+	r.owed.Add(1)
+	srv.Pause()
+	done := make(chan error, 1)
+	go func() { done <- r.applyPending(testenv.Context(t), nil) }()
+	time.Sleep(50 * time.Millisecond) // the move is sent, Redis has not run it
+	r.remember(ids[1], 7)             // a write acknowledged meanwhile
+	srv.Resume()
+	if err := <-done; err != nil {
+		t.Fatalf("applyPending: %v", err)
+	}
+	if r.owed.Load() != 0 {
+		t.Error("the move is still owed")
+	}
+	if e := redisEntry(t, a, ids[1]); e == nil || !e.kind.guards() || e.version != 7 {
+		t.Errorf("the write's invalidation in the new generation: %s, want a tombstone of version 7", show(e))
+	}
+}
