@@ -140,16 +140,9 @@ func (s *Store) followOnce(ctx context.Context, slot string, apply func(context.
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 
-	var active bool
-	found := true
-	err = s.pool.QueryRow(ctx, `SELECT active FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&active)
-	switch {
-	case errors.Is(err, pgx.ErrNoRows):
-		found = false
-	case err != nil:
-		return fmt.Errorf("change stream: %w", translate(err))
-	case active:
-		return errSlotBusy
+	found, err := s.usableSlot(ctx, slot)
+	if err != nil {
+		return err
 	}
 	if !found {
 		_, err := pglogrepl.CreateReplicationSlot(ctx, conn, slot, "pgoutput",
@@ -178,6 +171,37 @@ func (s *Store) followOnce(ctx context.Context, slot string, apply func(context.
 		return fmt.Errorf("change stream: start replication: %w", err)
 	}
 	return s.stream(ctx, conn, apply, missed)
+}
+
+// usableSlot reports whether the slot exists and can be read, and
+// errSlotBusy when another follower reads it. A slot the server has
+// invalidated (wal_status lost: it fell further behind than
+// max_slot_wal_keep_size allows, and the WAL it needed is gone) can never
+// be read again: it is dropped, so that the caller creates a new one and
+// the changes it lost count as missed.
+func (s *Store) usableSlot(ctx context.Context, slot string) (bool, error) {
+	var active bool
+	var walStatus *string // NULL for a slot that never reserved WAL
+	err := s.pool.QueryRow(ctx, `SELECT active, wal_status FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&active, &walStatus)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		return false, nil
+	case err != nil:
+		return false, fmt.Errorf("change stream: %w", translate(err))
+	case active:
+		return false, errSlotBusy
+	case walStatus == nil || *walStatus != "lost":
+		return true, nil
+	}
+	_, err = s.pool.Exec(ctx, `SELECT pg_drop_replication_slot($1)`, slot)
+	var pe *pgconn.PgError
+	switch {
+	case errors.As(err, &pe) && (pe.Code == "42704" || pe.Code == "55006"): // another follower dropped it, or took it
+		return false, errSlotBusy
+	case err != nil:
+		return false, fmt.Errorf("change stream: drop the lost slot %s: %w", slot, translate(err))
+	}
+	return false, nil
 }
 
 // stream reads the slot's messages and hands the changes of committed

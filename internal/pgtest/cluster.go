@@ -61,20 +61,32 @@ func BinDir(tb testing.TB) string {
 // on loopback), on a free port of the range.
 func StartPrimary(tb testing.TB) *Cluster {
 	tb.Helper()
+	return startPrimary(tb, "replica")
+}
+
+// StartLogical is StartPrimary with wal_level=logical: a server the change
+// stream can follow, for the tests that restart it or change its settings.
+func StartLogical(tb testing.TB) *Cluster {
+	tb.Helper()
+	return startPrimary(tb, "logical")
+}
+
+func startPrimary(tb testing.TB, walLevel string) *Cluster {
+	tb.Helper()
 	c := &Cluster{tb: tb, bin: BinDir(tb), Dir: clusterDir(tb), Port: freeClusterPort(tb)}
 	c.run("initdb", "-D", c.Dir, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8")
 	c.appendConf(fmt.Sprintf(`
 listen_addresses = '127.0.0.1'
 port = %d
 unix_socket_directories = ''
-wal_level = replica
+wal_level = %s
 max_wal_senders = 5
 max_connections = 60
 shared_buffers = 32MB
 fsync = off
 full_page_writes = off
 log_min_messages = warning
-`, c.Port))
+`, c.Port, walLevel))
 	c.start()
 	return c
 }
@@ -104,12 +116,20 @@ func (c *Cluster) URL(db string) string {
 
 func (c *Cluster) start() {
 	c.tb.Helper()
-	log := filepath.Join(c.Dir, "server.log")
-	c.run("pg_ctl", "-D", c.Dir, "-l", log, "-w", "-t", "60", "start")
+	c.run("pg_ctl", "-D", c.Dir, "-l", c.log(), "-w", "-t", "60", "start")
 	c.tb.Cleanup(func() {
 		c.run("pg_ctl", "-D", c.Dir, "-m", "immediate", "-w", "stop")
 	})
 }
+
+// Restart stops the server as an operator's fast shutdown does (every
+// session ended, a checkpoint written) and starts it again.
+func (c *Cluster) Restart() {
+	c.tb.Helper()
+	c.run("pg_ctl", "-D", c.Dir, "-l", c.log(), "-m", "fast", "-w", "-t", "60", "restart")
+}
+
+func (c *Cluster) log() string { return filepath.Join(c.Dir, "server.log") }
 
 func (c *Cluster) appendConf(text string) {
 	c.tb.Helper()
@@ -133,7 +153,7 @@ func (c *Cluster) run(name string, args ...string) {
 	}
 	out, err := cmd.CombinedOutput()
 	if err != nil {
-		log, _ := os.ReadFile(filepath.Join(c.Dir, "server.log"))
+		log, _ := os.ReadFile(c.log())
 		c.tb.Fatalf("%s %s: %v\n%s\n%s", name, strings.Join(args, " "), err, out, log)
 	}
 }
