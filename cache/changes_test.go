@@ -542,3 +542,47 @@ func TestChangeStreamPanic(t *testing.T) {
 		t.Errorf("FollowChanges called %d times, want 2 (the panic, then the retry)", n)
 	}
 }
+
+// TestChangeStreamKeepsLostPending: a writer that cannot reach Redis keeps
+// its invalidations pending in memory; restarted before Redis is back, it
+// loses them, and Redis still holds the old rows. The stream delivers
+// those commits all the same once Redis answers again.
+func TestChangeStreamKeepsLostPending(t *testing.T) {
+	forEachFeed(t, testKeepsLostPending)
+}
+
+func testKeepsLostPending(t *testing.T, fd feedDB) {
+	srv := startRedis(t)
+	db := fd.store
+	ids := createUsers(t, db, "lost-pending", 5)
+	prefix := testPrefix()
+	a := newCache(t, db, fastTiered(srv.URL(), prefix))       // the writer
+	b := newCache(t, db, streamTiered(srv.URL(), prefix, db)) // the stream's leader
+	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	streaming(t, b)
+	for _, c := range []*Store{a, b} {
+		for _, id := range ids {
+			version(t, c, id)
+			version(t, c, id)
+		}
+	}
+	srv.Pause()
+	want := map[int64]int64{}
+	for _, id := range ids {
+		want[id] = rename(t, a, id, "Pending").Version
+	}
+	if n := a.redis.npending.Load(); n != int64(len(ids)) {
+		t.Fatalf("the writer has %d invalidations pending, want %d", n, len(ids))
+	}
+	a.Close() // its pending invalidations go with it
+	restarted := newCache(t, db, fastTiered(srv.URL(), prefix))
+	time.Sleep(500 * time.Millisecond) // the stream's invalidations time out meanwhile
+	srv.Resume()
+	eventually(t, 5*time.Second, "instances healthy again", func() bool { return healthy(restarted) && healthy(b) })
+	for _, c := range []*Store{restarted, b} {
+		serves(t, c, ids, want, 3*time.Second, "an instance after Redis came back")
+		for _, id := range ids {
+			checkTiers(t, c, db, id)
+		}
+	}
+}
