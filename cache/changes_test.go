@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	dto "github.com/prometheus/client_model/go"
 
 	"userapi"
 	"userapi/internal/panics"
@@ -312,6 +313,21 @@ func testOutsideWrites(t *testing.T, fd feedDB) {
 		writes, time.Second/every, p50, p99, maxd)
 	if maxd > time.Second {
 		t.Errorf("max %v: above the 1 s bound", maxd)
+	}
+	// The stream's own lag metric saw every write, from its commit to its
+	// invalidation, within the same bound.
+	var observed uint64
+	var total float64
+	for _, c := range inst {
+		var m dto.Metric
+		if err := c.m.changeLag.Write(&m); err != nil {
+			t.Fatal(err)
+		}
+		observed += m.GetHistogram().GetSampleCount()
+		total += m.GetHistogram().GetSampleSum()
+	}
+	if observed < writes || total/float64(observed) > 1 {
+		t.Errorf("userapi_change_stream_lag_seconds: %d changes observed, mean %.3fs; want >= %d, at most 1s", observed, total/float64(observed), writes)
 	}
 	// One leader, unless the lead passed on when a leader's stream failed
 	// (a Redis timeout on a loaded machine): each interruption may hand it

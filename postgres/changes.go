@@ -223,7 +223,14 @@ func (s *Store) stream(ctx context.Context, conn *pgconn.PgConn, apply func(cont
 		versionAt = -1             // the version column's position in its tuples
 		idAt      = -1
 		nextAck   = time.Now().Add(statusInterval)
+		walEnd    pglogrepl.LSN // the server's position, as last reported
 	)
+	// reportLag sets the lag gauge: the WAL between what the server has
+	// reported and what is applied.
+	reportLag := func(end pglogrepl.LSN) {
+		walEnd = max(walEnd, end)
+		s.changeLag.Store(int64(walEnd - min(walEnd, applied)))
+	}
 	ack := func() error {
 		nextAck = time.Now().Add(statusInterval)
 		return pglogrepl.SendStandbyStatusUpdate(ctx, conn, pglogrepl.StandbyStatusUpdate{WALWritePosition: applied})
@@ -239,6 +246,7 @@ func (s *Store) stream(ctx context.Context, conn *pgconn.PgConn, apply func(cont
 			return fmt.Errorf("change stream: apply: %w", err)
 		}
 		applied = batchEnd
+		reportLag(applied)
 		changes = append(changes[:0], changes[committed:]...)
 		committed = 0
 		if soon := time.Now().Add(ackDelay); soon.Before(nextAck) {
@@ -310,7 +318,7 @@ func (s *Store) stream(ctx context.Context, conn *pgconn.PgConn, apply func(cont
 			if ka.ReplyRequested {
 				nextAck = time.Now()
 			}
-			s.changeLag.Store(int64(ka.ServerWALEnd - min(ka.ServerWALEnd, applied)))
+			reportLag(ka.ServerWALEnd)
 		case pglogrepl.XLogDataByteID:
 			xld, err := pglogrepl.ParseXLogData(cd.Data[1:])
 			if err != nil {
@@ -397,7 +405,7 @@ func (s *Store) stream(ctx context.Context, conn *pgconn.PgConn, apply func(cont
 					// reason to replay it.
 					applied = batchEnd
 				}
-				s.changeLag.Store(int64(xld.ServerWALEnd - min(xld.ServerWALEnd, applied)))
+				reportLag(xld.ServerWALEnd)
 			}
 		}
 	}

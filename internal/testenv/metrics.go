@@ -6,8 +6,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// Sum is the sum of the counters named name in g whose label is value
-// (every series when label is "").
+// Sum is the sum of the counters or gauges named name in g whose label is
+// value (every series when label is "").
 func Sum(tb testing.TB, g prometheus.Gatherer, name, label, value string) float64 {
 	tb.Helper()
 	mfs, err := g.Gather()
@@ -20,13 +20,15 @@ func Sum(tb testing.TB, g prometheus.Gatherer, name, label, value string) float6
 			continue
 		}
 		for _, m := range mf.GetMetric() {
+			// One of the two is nil, whose getter gives 0.
+			v := m.GetCounter().GetValue() + m.GetGauge().GetValue()
 			if label == "" {
-				sum += m.GetCounter().GetValue()
+				sum += v
 				continue
 			}
 			for _, l := range m.GetLabel() {
 				if l.GetName() == label && l.GetValue() == value {
-					sum += m.GetCounter().GetValue()
+					sum += v
 				}
 			}
 		}
