@@ -45,6 +45,8 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	k8sjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
+
+	"userapi/internal/testenv"
 )
 
 const deployDir = "../../deploy"
@@ -675,7 +677,7 @@ func startWithoutDatabase(t *testing.T, env map[string]string, redis, path strin
 	db := "postgres://postgres@" + freeAddr(t) + "/x?sslmode=disable" // nothing listens there
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	logs := &syncBuffer{}
+	logs := &testenv.Buffer{}
 	go func() {
 		done <- run(ctx, []string{"serve", "--addr", addr, "--db", db, "--redis", redis, "--debug-addr", "",
 			"--db-wait", "1m", "--db-timeout", "200ms"}, func(k string) string { return env[k] }, logs, logs)

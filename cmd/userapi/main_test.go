@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -19,26 +18,9 @@ import (
 	"time"
 
 	"userapi"
+	"userapi/internal/testenv"
 	"userapi/sqlite"
 )
-
-// syncBuffer collects a running service's log output.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 func freeAddr(t *testing.T) string {
 	t.Helper()
@@ -53,11 +35,11 @@ func freeAddr(t *testing.T) string {
 // startService runs `userapi serve` in-process with args and waits for
 // /readyz. It returns the base URL, the log, and a stop function that
 // cancels the service and returns run's error.
-func startService(t *testing.T, env map[string]string, args ...string) (string, *syncBuffer, func() error) {
+func startService(t *testing.T, env map[string]string, args ...string) (string, *testenv.Buffer, func() error) {
 	t.Helper()
 	addr := freeAddr(t)
 	ctx, cancel := context.WithCancel(context.Background())
-	logs := &syncBuffer{}
+	logs := &testenv.Buffer{}
 	done := make(chan error, 1)
 	getenv := func(k string) string { return env[k] }
 	go func() {
@@ -103,7 +85,7 @@ func startService(t *testing.T, env map[string]string, args ...string) (string, 
 }
 
 // firstKey returns the admin key the first start printed on stderr.
-func firstKey(t *testing.T, logs *syncBuffer) string {
+func firstKey(t *testing.T, logs *testenv.Buffer) string {
 	t.Helper()
 	key := regexp.MustCompile(`uak_[0-9]+_[0-9A-Za-z]{38}`).FindString(logs.String())
 	if key == "" {
@@ -325,7 +307,7 @@ func TestReadyzBeforeDatabase(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := make(chan error, 1)
-	logs := &syncBuffer{}
+	logs := &testenv.Buffer{}
 	go func() {
 		done <- run(ctx, []string{"serve", "--addr", addr, "--db", "postgres://postgres@" + dead + "/x?sslmode=disable",
 			"--db-wait", "30s", "--db-timeout", "200ms"}, func(string) string { return "" }, logs, logs)
