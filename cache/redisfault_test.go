@@ -180,12 +180,22 @@ func TestRedisStalledBelowHeartbeat(t *testing.T) {
 	want := map[int64]int64{}
 	for _, id := range ids {
 		want[id] = rename(t, a, id, "Slow").Version
+		// Read-your-writes on the writer, whose invalidation may have
+		// timed out.
+		if v := version(t, a, id); v < want[id] {
+			t.Fatalf("A read user %d at version %d right after writing version %d", id, v, want[id])
+		}
 	}
 	serves(t, b, ids, want, 3*time.Second, "B during the stall")
 	close(stop)
 	<-done
 	eventually(t, 5*time.Second, "instances healthy again", func() bool { return healthy(a) && healthy(b) })
 	serves(t, b, ids, want, 0, "B after the stall")
+	serves(t, a, ids, want, 0, "A after the stall")
+	for _, id := range ids {
+		checkTiers(t, a, db, id)
+		checkTiers(t, b, db, id)
+	}
 }
 
 // TestRedisRestartedEmptyDuringFill: a fill read the row before a write;
