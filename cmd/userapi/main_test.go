@@ -7,7 +7,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -22,22 +21,12 @@ import (
 	"userapi/sqlite"
 )
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
 // startService runs `userapi serve` in-process with args and waits for
 // /readyz. It returns the base URL, the log, and a stop function that
 // cancels the service and returns run's error.
 func startService(t *testing.T, env map[string]string, args ...string) (string, *testenv.Buffer, func() error) {
 	t.Helper()
-	addr := freeAddr(t)
+	addr := testenv.FreeAddr(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	logs := &testenv.Buffer{}
 	done := make(chan error, 1)
@@ -164,7 +153,7 @@ func TestServeSQLiteEndToEnd(t *testing.T) {
 }
 
 func TestServeDebugListener(t *testing.T) {
-	debug := freeAddr(t)
+	debug := testenv.FreeAddr(t)
 	db := "sqlite:" + filepath.Join(t.TempDir(), "d.db")
 	base, _, _ := startService(t, nil, "--db", db, "--debug-addr", debug)
 	for _, path := range []string{"/metrics", "/debug/pprof/"} {
@@ -197,7 +186,7 @@ func TestServeDebugListener(t *testing.T) {
 // /debug/pprof/cmdline shows the command line with them redacted, as the
 // config dump does, and nothing else carries them.
 func TestDebugListenerHidesSecrets(t *testing.T) {
-	debug := freeAddr(t)
+	debug := testenv.FreeAddr(t)
 	db := "sqlite:" + filepath.Join(t.TempDir(), "s.db")
 	redis := "redis://:hunter2@127.0.0.1:1/0"
 	args := []string{"--db", db, "--debug-addr", debug, "--public-metrics", "--redis", redis, "--redis-prefix=x", "--log-level=debug"}
@@ -302,8 +291,8 @@ func TestUsageErrors(t *testing.T) {
 // for an unreachable database: /readyz and the API answer 503 with
 // Retry-After, /livez 200, and a cancel during the wait stops it cleanly.
 func TestReadyzBeforeDatabase(t *testing.T) {
-	addr := freeAddr(t)
-	dead := freeAddr(t) // nothing listens there
+	addr := testenv.FreeAddr(t)
+	dead := testenv.FreeAddr(t) // nothing listens there
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := make(chan error, 1)

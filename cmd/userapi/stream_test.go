@@ -24,7 +24,7 @@ func TestChangeStreamNeedsLogicalWAL(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		logs := &testenv.Buffer{}
-		err := run(ctx, []string{"serve", "--addr", freeAddr(t), "--db", db, "--migrate", "--change-stream", "on"},
+		err := run(ctx, []string{"serve", "--addr", testenv.FreeAddr(t), "--db", db, "--migrate", "--change-stream", "on"},
 			func(string) string { return "" }, logs, logs)
 		if err == nil || ctx.Err() != nil {
 			t.Fatalf("run = %v (context: %v), want a refusal to start\n%s", err, ctx.Err(), logs)
