@@ -103,7 +103,7 @@ func TestConfigRejects(t *testing.T) {
 	}
 }
 
-func TestDuplicateKey(t *testing.T) {
+func TestViolatedKey(t *testing.T) {
 	tests := []struct {
 		err  error
 		want string
@@ -117,8 +117,8 @@ func TestDuplicateKey(t *testing.T) {
 		{nil, ""},
 	}
 	for _, tt := range tests {
-		if got := duplicateKey(tt.err); got != tt.want {
-			t.Errorf("duplicateKey(%v) = %q, want %q", tt.err, got, tt.want)
+		if got := violatedKey(tt.err); got != tt.want {
+			t.Errorf("violatedKey(%v) = %q, want %q", tt.err, got, tt.want)
 		}
 	}
 }
