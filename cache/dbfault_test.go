@@ -14,6 +14,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"userapi"
+	"userapi/internal/pgtest"
 	"userapi/internal/testenv"
 	"userapi/postgres"
 )
@@ -26,7 +27,7 @@ import (
 // back.
 func TestDatabaseUnreachable(t *testing.T) {
 	if postgresURL() == "" {
-		t.Skipf("%s is not set", envPostgres)
+		t.Skipf("%s is not set", pgtest.Env)
 	}
 	base, err := url.Parse(postgresURL())
 	if err != nil {

@@ -24,11 +24,6 @@ import (
 	"userapi/sqlite"
 )
 
-const (
-	envPostgres = "USERAPI_TEST_POSTGRES_URL"
-	envRedis    = "USERAPI_TEST_REDIS_URL"
-)
-
 // newSQLite opens a fresh, migrated SQLite store in a temporary directory.
 func newSQLite(tb testing.TB) userapi.Store {
 	tb.Helper()
@@ -42,7 +37,7 @@ func newSQLite(tb testing.TB) userapi.Store {
 }
 
 // postgresURL returns $USERAPI_TEST_POSTGRES_URL, or "" when unset.
-func postgresURL() string { return os.Getenv(envPostgres) }
+func postgresURL() string { return os.Getenv(pgtest.Env) }
 
 // newPostgres opens a store on a schema of its own (dropped at cleanup) on
 // the server at $USERAPI_TEST_POSTGRES_URL. A schema is much cheaper to
@@ -73,7 +68,7 @@ func newPostgresVia(tb testing.TB, hostport string, opts postgres.Options) usera
 }
 
 // redisURL returns $USERAPI_TEST_REDIS_URL, or "" when unset.
-func redisURL() string { return os.Getenv(envRedis) }
+func redisURL() string { return os.Getenv(testenv.RedisEnv) }
 
 // needRedis skips when no Redis is configured and fails when one is
 // configured but unreachable.
@@ -81,15 +76,15 @@ func needRedis(tb testing.TB) string {
 	tb.Helper()
 	u := redisURL()
 	if u == "" {
-		tb.Skipf("%s is not set; set it (e.g. redis://127.0.0.1:6379/0) to run the Redis tests", envRedis)
+		tb.Skipf("%s is not set; set it (e.g. redis://127.0.0.1:6379/0) to run the Redis tests", testenv.RedisEnv)
 	}
 	opt, err := rueidis.ParseURL(u)
 	if err != nil {
-		tb.Fatalf("%s: %v", envRedis, err)
+		tb.Fatalf("%s: %v", testenv.RedisEnv, err)
 	}
 	c, err := rueidis.NewClient(opt)
 	if err != nil {
-		tb.Fatalf("%s=%s is set but unreachable: %v", envRedis, u, err)
+		tb.Fatalf("%s=%s is set but unreachable: %v", testenv.RedisEnv, u, err)
 	}
 	c.Close()
 	return u

@@ -883,8 +883,8 @@ func (r *redisTier) recover() {
 
 // probeNow runs probeScript, for each group of the layout (in a cluster,
 // on the master of each group's slot), adopts the generations it returns
-// and, for a Redis not seen before (a new run id), checks its eviction
-// policy. It fails if any group's probe did.
+// and, for a Redis not seen before (a new run id) or one whose policy was
+// refused, checks its eviction policy. It fails if any group's probe did.
 func (r *redisTier) probeNow() error {
 	_, err := r.probeGroups()
 	return err
@@ -945,13 +945,17 @@ func (r *redisTier) probeGroups() (same []bool, err error) {
 			same[i] = true
 		}
 	}
-	if changed > 0 {
-		if seen {
-			r.log.Warn("redis restarted, failed over or was restored; its entries are not trusted",
-				"groups", changed, "moved_generation", moved > 0)
-		}
+	if seen {
+		r.log.Warn("redis restarted, failed over or was restored; its entries are not trusted",
+			"groups", changed, "moved_generation", moved > 0)
+	}
+	// Checked again at every probe while refused, so that an operator's
+	// CONFIG SET maxmemory-policy noeviction takes effect without a
+	// restart; logged once per refusal, not at every probe.
+	if changed > 0 || r.policyErr != nil {
+		was := r.policyErr
 		r.policyErr = r.checkPolicy(ctx)
-		if r.policyErr != nil {
+		if r.policyErr != nil && (was == nil || changed > 0) {
 			r.log.Error("redis tier not used", "err", r.policyErr)
 		}
 	}

@@ -1,6 +1,8 @@
 package cache
 
 import (
+	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
@@ -178,12 +180,22 @@ func TestRedisStalledBelowHeartbeat(t *testing.T) {
 	want := map[int64]int64{}
 	for _, id := range ids {
 		want[id] = rename(t, a, id, "Slow").Version
+		// Read-your-writes on the writer, whose invalidation may have
+		// timed out.
+		if v := version(t, a, id); v < want[id] {
+			t.Fatalf("A read user %d at version %d right after writing version %d", id, v, want[id])
+		}
 	}
 	serves(t, b, ids, want, 3*time.Second, "B during the stall")
 	close(stop)
 	<-done
 	eventually(t, 5*time.Second, "instances healthy again", func() bool { return healthy(a) && healthy(b) })
 	serves(t, b, ids, want, 0, "B after the stall")
+	serves(t, a, ids, want, 0, "A after the stall")
+	for _, id := range ids {
+		checkTiers(t, a, db, id)
+		checkTiers(t, b, db, id)
+	}
 }
 
 // TestRedisRestartedEmptyDuringFill: a fill read the row before a write;
@@ -253,5 +265,79 @@ func TestRedisRestoredFromOldSnapshot(t *testing.T) {
 	for _, id := range ids {
 		checkTiers(t, a, db, id)
 		checkTiers(t, b, db, id)
+	}
+}
+
+// TestRedisEvictingPolicyRefused: a Redis whose maxmemory-policy may evict
+// (a maxmemory set, any policy but noeviction) is not used at all, since an
+// evicted tombstone or intent would let a stale fill in: reads go to the
+// database and the refusal is logged with its fix. Once the policy is
+// noeviction, the tier is used.
+func TestRedisEvictingPolicyRefused(t *testing.T) {
+	// volatile-ttl is the worst: it evicts the short-lived tombstones and
+	// intents first.
+	for _, policy := range []string{"allkeys-lru", "volatile-ttl"} {
+		t.Run(policy, func(t *testing.T) {
+			srv := startRedis(t)
+			for _, kv := range [][2]string{{"maxmemory", "100mb"}, {"maxmemory-policy", policy}} {
+				if err := srv.Do("CONFIG", "SET", kv[0], kv[1]); err != nil {
+					t.Fatal(err)
+				}
+			}
+			sq := newSQLite(t)
+			ids := createUsers(t, sq, "evict", 3)
+			h := &hookStore{Store: sq}
+			logs := &testenv.Buffer{}
+			cfg := fastTiered(srv.URL(), testPrefix())
+			cfg.Logger = slog.New(slog.NewTextHandler(logs, nil))
+			c := newCache(t, h, cfg)
+
+			time.Sleep(settle) // several probes
+			if redisUsable(c) {
+				t.Fatalf("the Redis tier is in use with maxmemory-policy %s", policy)
+			}
+			for range 2 {
+				for _, id := range ids {
+					if v := version(t, c, id); v != 1 {
+						t.Fatalf("user %d: version %d, want 1", id, v)
+					}
+				}
+			}
+			// The local tier is bypassed too while Redis is unusable:
+			// every read is a database read.
+			if got, want := h.reads(), int64(2*len(ids)); got != want {
+				t.Errorf("%d database reads, want %d (one per read)", got, want)
+			}
+			if n := value(c.m.redisHit) + value(c.m.fillRedisInstalled); n != 0 {
+				t.Errorf("%v Redis hits and fills, want none", n)
+			}
+			if value(c.m.redisSkip) == 0 {
+				t.Error("no Redis lookup counted as skipped")
+			}
+			if got := value(c.m.breakerState); got != 2 {
+				t.Errorf("breaker state %v, want 2 (open)", got)
+			}
+			log := logs.String()
+			if n := strings.Count(log, "redis tier not used"); n != 1 {
+				t.Errorf("the refusal logged %d times, want once", n)
+			}
+			for _, want := range []string{"redis tier not used", "maxmemory-policy is " + policy, "set maxmemory-policy noeviction"} {
+				if !strings.Contains(log, want) {
+					t.Errorf("the log does not say %q:\n%s", want, log)
+				}
+			}
+
+			if err := srv.Do("CONFIG", "SET", "maxmemory-policy", "noeviction"); err != nil {
+				t.Fatal(err)
+			}
+			eventually(t, 5*time.Second, "instance healthy with noeviction", func() bool { return healthy(c) })
+			for _, id := range ids {
+				version(t, c, id) // fills Redis
+			}
+			eventually(t, 2*time.Second, "Redis filled", func() bool { return value(c.m.fillRedisInstalled) == float64(len(ids)) })
+			for _, id := range ids {
+				checkTiers(t, c, sq, id)
+			}
+		})
 	}
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/valyala/fasthttp"
 
 	"userapi"
+	"userapi/internal/testenv"
 )
 
 // fixture is a Server over a real SQLite store behind a faultStore.
@@ -26,7 +27,7 @@ type fixture struct {
 	srv   *Server
 	h     fasthttp.RequestHandler
 	store *faultStore
-	logs  *syncBuffer
+	logs  *testenv.Buffer
 	reg   *prometheus.Registry
 }
 
@@ -36,7 +37,7 @@ func newFixture(t *testing.T, encoded bool, opts Options) *fixture {
 	if encoded {
 		base = encodingStore{base}
 	}
-	f := &fixture{store: &faultStore{Store: base}, logs: &syncBuffer{}, reg: prometheus.NewRegistry()}
+	f := &fixture{store: &faultStore{Store: base}, logs: &testenv.Buffer{}, reg: prometheus.NewRegistry()}
 	var st userapi.Store = f.store
 	if encoded {
 		st = encodedFault{f.store}

@@ -11,6 +11,8 @@ import (
 	"unicode/utf8"
 
 	"github.com/valyala/fasthttp"
+
+	"userapi/internal/testenv"
 )
 
 // FuzzHandler sends arbitrary methods, URIs, headers and bodies through the
@@ -152,7 +154,7 @@ func FuzzRawPath(f *testing.F) {
 	} {
 		f.Add(s)
 	}
-	logs := &syncBuffer{}
+	logs := &testenv.Buffer{}
 	srv := NewServer(newSQLiteStore(f), Options{PublicMetrics: true, Logger: testLogger(logs)})
 	h := srv.Handler()
 	routeRE := regexp.MustCompile(` route=(\S+)`)
@@ -167,7 +169,7 @@ func FuzzRawPath(f *testing.F) {
 		req.SetRequestURI(target)
 		var rc fasthttp.RequestCtx
 		rc.Init(&req, &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}, nil)
-		logs.reset()
+		logs.Reset()
 		h(&rc)
 
 		m := routeRE.FindStringSubmatch(logs.String())

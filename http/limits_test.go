@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"userapi"
+	"userapi/internal/testenv"
 	"userapi/ratelimit"
 )
 
@@ -93,7 +94,7 @@ func TestRateLimitOff(t *testing.T) {
 // its own type, not logged one by one.
 func TestOverloadedProblem(t *testing.T) {
 	st := &faultStore{Store: newSQLiteStore(t)}
-	var logs syncBuffer
+	var logs testenv.Buffer
 	srv := NewServer(encodingStore{st}, Options{Logger: testLogger(&logs)})
 	st.set(fmt.Errorf("get user 1: %w", userapi.ErrOverloaded), false, "")
 	r := serveDirect(t, srv.Handler(), request{method: "GET", uri: "/users/1"})

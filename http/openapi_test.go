@@ -22,6 +22,7 @@ import (
 
 	"userapi"
 	"userapi/auth"
+	"userapi/internal/testenv"
 	"userapi/ratelimit"
 )
 
@@ -40,7 +41,7 @@ type liveServer struct {
 func startLive(t *testing.T, opts Options) *liveServer {
 	t.Helper()
 	st := &faultStore{Store: newSQLiteStore(t)}
-	logs := &syncBuffer{}
+	logs := &testenv.Buffer{}
 	opts.Logger = testLogger(logs)
 	a, err := auth.New(context.Background(), st, auth.Config{})
 	if err != nil {

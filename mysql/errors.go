@@ -79,10 +79,10 @@ func isRetryable(err error) bool {
 		(myErr.Number == erLockDeadlock || myErr.Number == erLockWaitTimeout)
 }
 
-// duplicateKey returns the name of the unique key a duplicate-entry error
+// violatedKey returns the name of the unique key a duplicate-entry error
 // names, "" for other errors. MariaDB says "Duplicate entry 'v' for key
 // 'users_email_key'", MySQL 8 "… for key 'users.users_email_key'".
-func duplicateKey(err error) string {
+func violatedKey(err error) string {
 	var myErr *mysql.MySQLError
 	if !errors.As(err, &myErr) || myErr.Number != erDupEntry {
 		return ""

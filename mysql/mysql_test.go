@@ -25,7 +25,6 @@ import (
 
 // The tests that need a server run when USERAPI_TEST_MYSQL_URL is set, each
 // store in a database of its own, created empty and dropped afterwards.
-const urlEnv = "USERAPI_TEST_MYSQL_URL"
 
 func TestStore(t *testing.T) {
 	serverURL(t)
@@ -103,7 +102,7 @@ func TestConfigRejects(t *testing.T) {
 	}
 }
 
-func TestDuplicateKey(t *testing.T) {
+func TestViolatedKey(t *testing.T) {
 	tests := []struct {
 		err  error
 		want string
@@ -117,8 +116,8 @@ func TestDuplicateKey(t *testing.T) {
 		{nil, ""},
 	}
 	for _, tt := range tests {
-		if got := duplicateKey(tt.err); got != tt.want {
-			t.Errorf("duplicateKey(%v) = %q, want %q", tt.err, got, tt.want)
+		if got := violatedKey(tt.err); got != tt.want {
+			t.Errorf("violatedKey(%v) = %q, want %q", tt.err, got, tt.want)
 		}
 	}
 }
@@ -616,9 +615,9 @@ func newDatabase(t *testing.T) string {
 // not set.
 func serverURL(t *testing.T) string {
 	t.Helper()
-	u := os.Getenv(urlEnv)
+	u := os.Getenv(testenv.MySQLEnv)
 	if u == "" {
-		t.Skip(urlEnv + " is not set; set it (e.g. mysql://root@127.0.0.1:3306/test) to run the MySQL tests")
+		t.Skip(testenv.MySQLEnv + " is not set; set it (e.g. mysql://root@127.0.0.1:3306/test) to run the MySQL tests")
 	}
 	return u
 }

@@ -66,7 +66,7 @@ func (s *Store) seedTx(ctx context.Context, from, count int) error {
 		}
 		return nil
 	})
-	if duplicateKey(err) == emailKey {
+	if violatedKey(err) == emailKey {
 		return fmt.Errorf("%w: %w", userapi.ErrEmailTaken, err)
 	}
 	return translate(err)

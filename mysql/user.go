@@ -197,7 +197,7 @@ func (s *Store) createUser(ctx context.Context, in userapi.UserCreate) (*userapi
 		}
 	}
 	u, err := s.insertUser(ctx, in)
-	key := duplicateKey(err)
+	key := violatedKey(err)
 	if key == "" {
 		return u, false, err
 	}
@@ -311,7 +311,7 @@ func (s *Store) UpdateUser(ctx context.Context, id int64, upd userapi.UserUpdate
 		u.Version++
 		_, err = s.exec(ctx, tx, updateUserSQL,
 			u.Email, u.Name, u.UpdatedAt, u.Version, id)
-		if duplicateKey(err) == emailKey {
+		if violatedKey(err) == emailKey {
 			return userapi.ErrEmailTaken
 		}
 		return err

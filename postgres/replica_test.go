@@ -77,7 +77,7 @@ func TestReplicaRouting(t *testing.T) {
 	if onReplica || got[a.ID] != 1 {
 		t.Fatalf("read right after the create: %v, served by the replica: %v; want version 1 from the primary", got, onReplica)
 	}
-	eventually(t, 10*time.Second, "a read of the created row served by the replica", func() bool {
+	testenv.WaitFor(t, 10*time.Second, "a read of the created row served by the replica", func() bool {
 		got, onReplica := read(t, s, 0, a.ID)
 		if got[a.ID] != 1 {
 			t.Fatalf("read %v, want version 1", got)
@@ -103,7 +103,7 @@ func TestReplicaRouting(t *testing.T) {
 	if onReplica || got[a.ID] != 2 {
 		t.Fatalf("read with the other instance's token: %v, served by the replica: %v; want version 2 from the primary", got, onReplica)
 	}
-	eventually(t, 10*time.Second, "a read with the token served by the replica once it has replayed the write", func() bool {
+	testenv.WaitFor(t, 10*time.Second, "a read with the token served by the replica once it has replayed the write", func() bool {
 		got, onReplica := read(t, s, osess.Wrote, a.ID)
 		if got[a.ID] != 2 {
 			t.Fatalf("read %v with the token, want version 2", got)
@@ -134,17 +134,6 @@ func TestReplicaRouting(t *testing.T) {
 				t.Errorf("userapi_db_reads_total %v is 0", m.GetLabel())
 			}
 		}
-	}
-}
-
-func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("after %v: %s", d, what)
-		}
-		time.Sleep(5 * time.Millisecond)
 	}
 }
 
@@ -215,7 +204,7 @@ func sameOnReplica(t *testing.T, s *postgres.Store) {
 	if _, err := s.ListUsers(userapi.WithSession(ctx, plain), userapi.UserFilter{Limit: userapi.MaxLimit}); err != nil || plain.Replica {
 		t.Fatalf("a list without a token: served by the replica %v, %v", plain.Replica, err)
 	}
-	eventually(t, 10*time.Second, "a list with a token served by the replica", func() bool {
+	testenv.WaitFor(t, 10*time.Second, "a list with a token served by the replica", func() bool {
 		sess := &userapi.Session{After: 1}
 		got, err := s.ListUsers(userapi.WithSession(ctx, sess), userapi.UserFilter{Limit: userapi.MaxLimit})
 		if err != nil {
@@ -226,7 +215,7 @@ func sameOnReplica(t *testing.T, s *postgres.Store) {
 		}
 		return sess.Replica
 	})
-	eventually(t, 10*time.Second, "a batched read served by the replica", func() bool {
+	testenv.WaitFor(t, 10*time.Second, "a batched read served by the replica", func() bool {
 		sess := &userapi.Session{}
 		got, err := s.GetUsers(userapi.WithSession(ctx, sess), ids)
 		if err != nil {
@@ -463,7 +452,7 @@ func TestReplicaHangs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "a read served by the replica", func() bool {
+	testenv.WaitFor(t, 10*time.Second, "a read served by the replica", func() bool {
 		_, onReplica := read(t, s, 0, a.ID)
 		return onReplica
 	})

@@ -47,7 +47,7 @@ FROM users_id_seq`
 		size := min(seedChunk, n-done)
 		src := &seedRows{next: first + done, end: first + done + size, now: now}
 		if _, err := c.CopyFrom(ctx, pgx.Identifier{"users"}, columns, src); err != nil {
-			if violated(err) == emailConstraint {
+			if violatedKey(err) == emailConstraint {
 				return fmt.Errorf("seed users %d..%d: %w", src.next, src.end-1, userapi.ErrEmailTaken)
 			}
 			return fmt.Errorf("seed users %d..%d: %w", first+done, first+done+size-1, translate(err))

@@ -251,7 +251,7 @@ FROM u`
 			s.acked(ctx, u.ID, pos)
 			return nil
 		}
-		if violated(err) == "" {
+		if violatedKey(err) == "" {
 			return err
 		}
 		// The email or the key is taken; the statement inserted nothing.
@@ -278,7 +278,7 @@ FROM u`
 			return nil, false, fmt.Errorf("create user: %w", userapi.ErrIdempotencyMismatch)
 		}
 		return first, true, nil
-	case violated(err) == emailConstraint:
+	case violatedKey(err) == emailConstraint:
 		return nil, false, fmt.Errorf("create user: %w", userapi.ErrEmailTaken)
 	case err != nil:
 		return nil, false, fmt.Errorf("create user: %w", translate(err))
@@ -345,7 +345,7 @@ RETURNING
 		return err
 	})
 	switch {
-	case violated(err) == emailConstraint:
+	case violatedKey(err) == emailConstraint:
 		return nil, fmt.Errorf("update user %d: %w", id, userapi.ErrEmailTaken)
 	case err != nil:
 		return nil, fmt.Errorf("update user %d: %w", id, translate(err))
@@ -405,8 +405,8 @@ func after(ctx context.Context) userapi.Position {
 	return 0
 }
 
-// violated returns the name of the unique constraint err violates, or "".
-func violated(err error) string {
+// violatedKey returns the name of the unique constraint err violates, or "".
+func violatedKey(err error) string {
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) && pgErr.Code == "23505" { // unique_violation
 		return pgErr.ConstraintName

@@ -397,14 +397,23 @@ func translate(ctx context.Context, err error) error {
 	return err
 }
 
-// uniqueViolation reports whether err is a UNIQUE or PRIMARY KEY violation
-// of the index on column, named as SQLite names it in the message:
-// "UNIQUE constraint failed: users.email".
-func uniqueViolation(err error, column string) bool {
+// emailKey is the unique index on users.email, as a violation names it.
+const emailKey = "users.email"
+
+// violatedKey returns the unique index a UNIQUE or PRIMARY KEY violation
+// names, as SQLite names it at the end of the message ("UNIQUE constraint
+// failed: users.email" names "users.email"), "" for other errors.
+func violatedKey(err error) string {
 	if !errors.Is(err, sqlite3.CONSTRAINT_UNIQUE) && !errors.Is(err, sqlite3.CONSTRAINT_PRIMARYKEY) {
-		return false
+		return ""
 	}
-	return strings.HasSuffix(err.Error(), "constraint failed: "+column)
+	msg := err.Error()
+	const marker = "constraint failed: "
+	i := strings.LastIndex(msg, marker)
+	if i < 0 {
+		return ""
+	}
+	return msg[i+len(marker):]
 }
 
 // PoolSize reports the most reader connections the store uses at once;

@@ -208,7 +208,7 @@ func (s *Store) createUser(ctx context.Context, in userapi.UserCreate) (*userapi
 		now.UnixMicro(),
 		now.UnixMicro(),
 	).Scan(&u.ID)
-	if uniqueViolation(err, "users.email") {
+	if violatedKey(err) == emailKey {
 		return nil, false, userapi.ErrEmailTaken
 	}
 	if err != nil {
@@ -320,7 +320,7 @@ func (s *Store) updateUser(ctx context.Context, id int64, upd userapi.UserUpdate
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, explainMiss(ctx, tx, id)
 	}
-	if uniqueViolation(err, "users.email") {
+	if violatedKey(err) == emailKey {
 		return nil, userapi.ErrEmailTaken
 	}
 	if err != nil {
@@ -461,7 +461,7 @@ func (s *Store) seedTx(ctx context.Context, first, n int) error {
 		} else {
 			_, err = tx.ExecContext(ctx, seedInsertSQL(rows), args...)
 		}
-		if uniqueViolation(err, "users.email") {
+		if violatedKey(err) == emailKey {
 			return userapi.ErrEmailTaken
 		}
 		if err != nil {

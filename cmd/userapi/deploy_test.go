@@ -45,6 +45,8 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	k8sjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
+
+	"userapi/internal/testenv"
 )
 
 const deployDir = "../../deploy"
@@ -590,8 +592,8 @@ func TestKubernetesBase(t *testing.T) {
 		if annotations["prometheus.io/scrape"] != "true" || annotations["prometheus.io/port"] != strconv.Itoa(int(metricsPort)) {
 			t.Errorf("scrape annotations %v: want scrape true on the metrics port %d", annotations, metricsPort)
 		}
-		deadRedis := "redis://" + freeAddr(t) + "/0"
-		debug := freeAddr(t)
+		deadRedis := "redis://" + testenv.FreeAddr(t) + "/0"
+		debug := testenv.FreeAddr(t)
 		base, _, _ := startService(t, env, "--db", "sqlite:"+filepath.Join(t.TempDir(), "k8s.db"),
 			"--redis", deadRedis, "--debug-addr", debug)
 		for name, p := range map[string]*corev1.Probe{"startup": ctr.StartupProbe, "readiness": ctr.ReadinessProbe, "liveness": ctr.LivenessProbe} {
@@ -671,11 +673,11 @@ func TestKubernetesPodMonitor(t *testing.T) {
 // path.
 func startWithoutDatabase(t *testing.T, env map[string]string, redis, path string) string {
 	t.Helper()
-	addr := freeAddr(t)
-	db := "postgres://postgres@" + freeAddr(t) + "/x?sslmode=disable" // nothing listens there
+	addr := testenv.FreeAddr(t)
+	db := "postgres://postgres@" + testenv.FreeAddr(t) + "/x?sslmode=disable" // nothing listens there
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	logs := &syncBuffer{}
+	logs := &testenv.Buffer{}
 	go func() {
 		done <- run(ctx, []string{"serve", "--addr", addr, "--db", db, "--redis", redis, "--debug-addr", "",
 			"--db-wait", "1m", "--db-timeout", "200ms"}, func(k string) string { return env[k] }, logs, logs)
@@ -973,7 +975,7 @@ func TestMonitoringUsesRegisteredMetrics(t *testing.T) {
 
 	exported := map[string]bool{}
 	scrape := func(args ...string) {
-		debug := freeAddr(t)
+		debug := testenv.FreeAddr(t)
 		base, _, stop := startService(t, nil, append(args, "--debug-addr", debug)...)
 		// The HTTP series appear with the first request of a route.
 		httpStatus(t, base+"/users/1")
@@ -996,7 +998,7 @@ func TestMonitoringUsesRegisteredMetrics(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	scrape("--db", "sqlite:"+filepath.Join(t.TempDir(), "m.db"), "--cache", "tiered", "--redis", "redis://"+freeAddr(t)+"/0")
+	scrape("--db", "sqlite:"+filepath.Join(t.TempDir(), "m.db"), "--cache", "tiered", "--redis", "redis://"+testenv.FreeAddr(t)+"/0")
 	pg := os.Getenv("USERAPI_TEST_POSTGRES_URL")
 	if pg != "" {
 		// The service's own database named as a replica too: it is not

@@ -1,14 +1,12 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -19,45 +17,18 @@ import (
 	"time"
 
 	"userapi"
+	"userapi/internal/testenv"
 	"userapi/sqlite"
 )
-
-// syncBuffer collects a running service's log output.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
 
 // startService runs `userapi serve` in-process with args and waits for
 // /readyz. It returns the base URL, the log, and a stop function that
 // cancels the service and returns run's error.
-func startService(t *testing.T, env map[string]string, args ...string) (string, *syncBuffer, func() error) {
+func startService(t *testing.T, env map[string]string, args ...string) (string, *testenv.Buffer, func() error) {
 	t.Helper()
-	addr := freeAddr(t)
+	addr := testenv.FreeAddr(t)
 	ctx, cancel := context.WithCancel(context.Background())
-	logs := &syncBuffer{}
+	logs := &testenv.Buffer{}
 	done := make(chan error, 1)
 	getenv := func(k string) string { return env[k] }
 	go func() {
@@ -103,7 +74,7 @@ func startService(t *testing.T, env map[string]string, args ...string) (string, 
 }
 
 // firstKey returns the admin key the first start printed on stderr.
-func firstKey(t *testing.T, logs *syncBuffer) string {
+func firstKey(t *testing.T, logs *testenv.Buffer) string {
 	t.Helper()
 	key := regexp.MustCompile(`uak_[0-9]+_[0-9A-Za-z]{38}`).FindString(logs.String())
 	if key == "" {
@@ -182,7 +153,7 @@ func TestServeSQLiteEndToEnd(t *testing.T) {
 }
 
 func TestServeDebugListener(t *testing.T) {
-	debug := freeAddr(t)
+	debug := testenv.FreeAddr(t)
 	db := "sqlite:" + filepath.Join(t.TempDir(), "d.db")
 	base, _, _ := startService(t, nil, "--db", db, "--debug-addr", debug)
 	for _, path := range []string{"/metrics", "/debug/pprof/"} {
@@ -215,7 +186,7 @@ func TestServeDebugListener(t *testing.T) {
 // /debug/pprof/cmdline shows the command line with them redacted, as the
 // config dump does, and nothing else carries them.
 func TestDebugListenerHidesSecrets(t *testing.T) {
-	debug := freeAddr(t)
+	debug := testenv.FreeAddr(t)
 	db := "sqlite:" + filepath.Join(t.TempDir(), "s.db")
 	redis := "redis://:hunter2@127.0.0.1:1/0"
 	args := []string{"--db", db, "--debug-addr", debug, "--public-metrics", "--redis", redis, "--redis-prefix=x", "--log-level=debug"}
@@ -320,12 +291,12 @@ func TestUsageErrors(t *testing.T) {
 // for an unreachable database: /readyz and the API answer 503 with
 // Retry-After, /livez 200, and a cancel during the wait stops it cleanly.
 func TestReadyzBeforeDatabase(t *testing.T) {
-	addr := freeAddr(t)
-	dead := freeAddr(t) // nothing listens there
+	addr := testenv.FreeAddr(t)
+	dead := testenv.FreeAddr(t) // nothing listens there
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := make(chan error, 1)
-	logs := &syncBuffer{}
+	logs := &testenv.Buffer{}
 	go func() {
 		done <- run(ctx, []string{"serve", "--addr", addr, "--db", "postgres://postgres@" + dead + "/x?sslmode=disable",
 			"--db-wait", "30s", "--db-timeout", "200ms"}, func(string) string { return "" }, logs, logs)

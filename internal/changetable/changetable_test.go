@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"userapi"
+	"userapi/internal/testenv"
 )
 
 func TestRuns(t *testing.T) {
@@ -179,17 +180,6 @@ func (r *recorder) has(id, version int64) bool {
 	return slices.ContainsFunc(r.got, func(c userapi.Change) bool { return c.ID == id && c.Version == version })
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("after 5s: %s", what)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
 func follow(t *testing.T, m *memTable, r *recorder) (stop func() error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	var backlog atomic.Int64
@@ -214,12 +204,12 @@ func TestFollowLateCommit(t *testing.T) {
 	m.put(3, 30, 2, false)
 	r := &recorder{}
 	follow(t, m, r)
-	waitFor(t, "rows 1 and 3 applied and deleted", func() bool { return r.has(10, 2) && r.has(30, 2) && m.left() == 2 })
+	testenv.WaitFor(t, 5*time.Second, "rows 1 and 3 applied and deleted", func() bool { return r.has(10, 2) && r.has(30, 2) && m.left() == 2 })
 	if r.has(20, 2) || r.missed != 1 {
 		t.Fatalf("delivered %v, missed %d; want rows 1 and 3 and one missed (no marker yet)", r.got, r.missed)
 	}
 	m.commit(2)
-	waitFor(t, "the late row delivered", func() bool { return r.has(20, 2) && m.left() == 1 })
+	testenv.WaitFor(t, 5*time.Second, "the late row delivered", func() bool { return r.has(20, 2) && m.left() == 1 })
 }
 
 // TestFollowApplyFails: rows whose apply failed are not deleted, and are
@@ -230,13 +220,13 @@ func TestFollowApplyFails(t *testing.T) {
 	m.put(1, 10, 1, false)
 	r := &recorder{failing: true}
 	stop := follow(t, m, r)
-	waitFor(t, "an apply tried", func() bool { r.mu.Lock(); defer r.mu.Unlock(); return r.tries > 0 })
+	testenv.WaitFor(t, 5*time.Second, "an apply tried", func() bool { r.mu.Lock(); defer r.mu.Unlock(); return r.tries > 0 })
 	if err := stop(); err == nil || errors.Is(err, context.Canceled) || m.left() != 2 {
 		t.Fatalf("Follow = %v with %d rows left, want the apply error and both rows", err, m.left())
 	}
 	r.failing = false
 	follow(t, m, r)
-	waitFor(t, "the row delivered by the next follower", func() bool { return r.has(10, 1) && m.left() == 1 })
+	testenv.WaitFor(t, 5*time.Second, "the row delivered by the next follower", func() bool { return r.has(10, 1) && m.left() == 1 })
 	if r.missed != 0 {
 		t.Errorf("missed %d times with the marker in place", r.missed)
 	}
@@ -250,11 +240,11 @@ func TestFollowTriggersMissing(t *testing.T) {
 	m.triggers = false
 	r := &recorder{}
 	stop := follow(t, m, r)
-	waitFor(t, "the marker dropped", func() bool { return m.left() == 0 })
+	testenv.WaitFor(t, 5*time.Second, "the marker dropped", func() bool { return m.left() == 0 })
 	stop()
 	m.triggers = true
 	follow(t, m, r)
-	waitFor(t, "missed", func() bool { r.mu.Lock(); defer r.mu.Unlock(); return r.missed == 1 })
+	testenv.WaitFor(t, 5*time.Second, "missed", func() bool { r.mu.Lock(); defer r.mu.Unlock(); return r.missed == 1 })
 }
 
 // TestFollowMassChange: a backlog beyond MassChange calls missed once and
@@ -267,9 +257,9 @@ func TestFollowMassChange(t *testing.T) {
 	}
 	r := &recorder{}
 	follow(t, m, r)
-	waitFor(t, "the backlog skipped", func() bool { return m.left() == 2 })
+	testenv.WaitFor(t, 5*time.Second, "the backlog skipped", func() bool { return m.left() == 2 })
 	m.commit(5)
-	waitFor(t, "the hidden row delivered", func() bool { return r.has(5, 1) })
+	testenv.WaitFor(t, 5*time.Second, "the hidden row delivered", func() bool { return r.has(5, 1) })
 	if len(r.got) > MaxBatch+1 || r.missed != 1 {
 		t.Errorf("%d changes delivered, missed %d; want the backlog skipped by one missed", len(r.got), r.missed)
 	}

@@ -44,6 +44,12 @@ func FreePorts(tb testing.TB, n int) []int {
 	return ports
 }
 
+// FreeAddr returns a loopback host:port that was free a moment ago.
+func FreeAddr(tb testing.TB) string {
+	tb.Helper()
+	return "127.0.0.1:" + strconv.Itoa(FreePorts(tb, 1)[0])
+}
+
 // RedisServer is a redis-server of the test's own on a free loopback port,
 // without persistence unless Dir is set, so a test can kill, pause and
 // restart it without touching the shared one.
