@@ -133,7 +133,7 @@ func TestStampede(t *testing.T) {
 				})
 			}
 			close(start)
-			eventually(t, 10*time.Second, "all readers joined one load", func() bool {
+			testenv.WaitFor(t, 10*time.Second, "all readers joined one load", func() bool {
 				return value(c.m.coalesced) == n-1
 			})
 			close(release)
@@ -163,9 +163,9 @@ func TestBatching(t *testing.T) {
 	})
 	var wg sync.WaitGroup
 	wg.Go(func() { version(t, c, ids[0]) })
-	eventually(t, 5*time.Second, "first load started", func() bool { return h.getUsers.Load() == 1 })
+	testenv.WaitFor(t, 5*time.Second, "first load started", func() bool { return h.getUsers.Load() == 1 })
 	readConcurrently(t, &wg, c, ids[1:])
-	eventually(t, 5*time.Second, "40 misses queued", func() bool { return len(c.loader.queue) == 40 })
+	testenv.WaitFor(t, 5*time.Second, "40 misses queued", func() bool { return len(c.loader.queue) == 40 })
 	close(gate)
 	wg.Wait()
 	if got, want := h.batchSizes(), []int{1, 8, 8, 8, 8, 8}; !slices.Equal(got, want) {
@@ -310,7 +310,7 @@ func TestStaleNegativeFillRejected(t *testing.T) {
 // waitStaleFill waits until every tier of c has rejected one fill as stale.
 func waitStaleFill(t *testing.T, c *Store) {
 	t.Helper()
-	eventually(t, 5*time.Second, "stale fill rejected", func() bool {
+	testenv.WaitFor(t, 5*time.Second, "stale fill rejected", func() bool {
 		return (c.local == nil || value(c.m.fillLocalStale) == 1) &&
 			(c.redis == nil || value(c.m.fillRedisStale) == 1)
 	})
@@ -567,9 +567,9 @@ func TestCloseFailsWaiters(t *testing.T) {
 	})
 	errs := make(chan error, 2)
 	go func() { _, err := c.GetUserEncoded(context.Background(), u.ID); errs <- err }()
-	eventually(t, 5*time.Second, "load started", func() bool { return h.getUsers.Load() == 1 })
+	testenv.WaitFor(t, 5*time.Second, "load started", func() bool { return h.getUsers.Load() == 1 })
 	go func() { _, err := c.GetUserEncoded(context.Background(), u.ID+1); errs <- err }()
-	eventually(t, 5*time.Second, "second load queued", func() bool { return len(c.loader.queue) == 1 })
+	testenv.WaitFor(t, 5*time.Second, "second load queued", func() bool { return len(c.loader.queue) == 1 })
 	closed := make(chan struct{})
 	go func() { c.Close(); close(closed) }()
 	time.Sleep(10 * time.Millisecond)
@@ -615,7 +615,7 @@ func TestLoaderPanic(t *testing.T) {
 	for range readers {
 		go func() { _, err := c.GetUserEncoded(testenv.Context(t), u.ID); errs <- err }()
 	}
-	eventually(t, 5*time.Second, "readers joined the load", func() bool {
+	testenv.WaitFor(t, 5*time.Second, "readers joined the load", func() bool {
 		return h.getUsers.Load() == 1 && value(c.m.coalesced) == readers-1
 	})
 	close(gate)
@@ -695,11 +695,11 @@ func TestSecondLoadWaitsForFullBatch(t *testing.T) {
 			release := gateFirstLoad(t, h)
 			var wg sync.WaitGroup
 			readConcurrently(t, &wg, c, ids[:1])
-			eventually(t, 5*time.Second, "first load started", func() bool { return h.getUsers.Load() == 1 })
+			testenv.WaitFor(t, 5*time.Second, "first load started", func() bool { return h.getUsers.Load() == 1 })
 
 			// Five misses: a free worker gathers them but starts no load.
 			readConcurrently(t, &wg, c, ids[1:6])
-			eventually(t, 5*time.Second, "5 misses gathered", func() bool {
+			testenv.WaitFor(t, 5*time.Second, "5 misses gathered", func() bool {
 				return inflightCalls(c) == 6 && len(c.loader.queue) == 0
 			})
 			if n := h.getUsers.Load(); n != 1 {
@@ -709,7 +709,7 @@ func TestSecondLoadWaitsForFullBatch(t *testing.T) {
 			// minParallel more: a second load starts with minParallel of
 			// them while the first still runs; the 5 left over wait again.
 			readConcurrently(t, &wg, c, ids[6:])
-			eventually(t, 5*time.Second, "second load done, 5 gathered", func() bool {
+			testenv.WaitFor(t, 5*time.Second, "second load done, 5 gathered", func() bool {
 				return h.getUsers.Load() == 2 && inflightCalls(c) == 6 && len(c.loader.queue) == 0
 			})
 			release()
@@ -731,9 +731,9 @@ func TestStalledLoadReleasesSmallBatch(t *testing.T) {
 	release := gateFirstLoad(t, h)
 	var wg sync.WaitGroup
 	readConcurrently(t, &wg, c, ids[:1])
-	eventually(t, 5*time.Second, "first load started", func() bool { return h.getUsers.Load() == 1 })
+	testenv.WaitFor(t, 5*time.Second, "first load started", func() bool { return h.getUsers.Load() == 1 })
 	readConcurrently(t, &wg, c, ids[1:])
-	eventually(t, 5*time.Second, "second load done while the first hangs", func() bool {
+	testenv.WaitFor(t, 5*time.Second, "second load done while the first hangs", func() bool {
 		return h.getUsers.Load() == 2 && inflightCalls(c) == 1
 	})
 	release()

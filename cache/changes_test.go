@@ -208,7 +208,7 @@ func outsideWriter(t *testing.T, url string) *pgx.Conn {
 // afresh).
 func streaming(t *testing.T, cs ...*Store) {
 	t.Helper()
-	eventually(t, 5*time.Second, "the stream's slot created", func() bool {
+	testenv.WaitFor(t, 5*time.Second, "the stream's slot created", func() bool {
 		for _, c := range cs {
 			if value(c.m.changesMissed) > 0 {
 				return true
@@ -245,7 +245,7 @@ func testOutsideWrites(t *testing.T, fd feedDB) {
 	for range 3 {
 		inst = append(inst, newCache(t, db, streamTiered(srv.URL(), prefix, db)))
 	}
-	eventually(t, 5*time.Second, "instances healthy", func() bool {
+	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool {
 		for _, c := range inst {
 			if !healthy(c) {
 				return false
@@ -360,15 +360,15 @@ func testTakeover(t *testing.T, fd feedDB) {
 	prefix := testPrefix()
 	a := newCache(t, db, streamTiered(srv.URL(), prefix, db))
 	b := newCache(t, db, streamTiered(srv.URL(), prefix, db))
-	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	streaming(t, a, b)
 	first := fd.update(t, ids[0], "First")
-	eventually(t, 5*time.Second, "a leader applies the first change", func() bool { return leading(a, b) == 1 })
+	testenv.WaitFor(t, 5*time.Second, "a leader applies the first change", func() bool { return leading(a, b) == 1 })
 	leader, standby := a, b
 	if value(b.m.changesApplied) > 0 {
 		leader, standby = b, a
 	}
-	eventually(t, time.Second, "the first change served", func() bool { return version(t, standby, ids[0]) == first })
+	testenv.WaitFor(t, time.Second, "the first change served", func() bool { return version(t, standby, ids[0]) == first })
 	for _, id := range ids {
 		version(t, standby, id)
 		version(t, standby, id)
@@ -401,10 +401,10 @@ func testResumes(t *testing.T, fd feedDB) {
 	ids := createUsers(t, db, "resume", 10)
 	prefix := testPrefix()
 	a := newCache(t, db, streamTiered(srv.URL(), prefix, db))
-	eventually(t, 5*time.Second, "instance healthy", func() bool { return healthy(a) })
+	testenv.WaitFor(t, 5*time.Second, "instance healthy", func() bool { return healthy(a) })
 	streaming(t, a)
 	fd.update(t, ids[0], "Warm")
-	eventually(t, 5*time.Second, "the stream applies", func() bool { return value(a.m.changesApplied) > 0 })
+	testenv.WaitFor(t, 5*time.Second, "the stream applies", func() bool { return value(a.m.changesApplied) > 0 })
 	for _, id := range ids {
 		version(t, a, id)
 		version(t, a, id)
@@ -434,8 +434,8 @@ func testPositionLost(t *testing.T, fd feedDB) {
 	prefix := testPrefix()
 	a := newCache(t, db, streamTiered(srv.URL(), prefix, db))
 	b := newCache(t, db, fastTiered(srv.URL(), prefix)) // not following
-	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
-	eventually(t, 5*time.Second, "the stream's position created", func() bool { return value(a.m.changesMissed) == 1 })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "the stream's position created", func() bool { return value(a.m.changesMissed) == 1 })
 	for _, id := range ids {
 		version(t, b, id)
 		version(t, b, id)
@@ -446,7 +446,7 @@ func testPositionLost(t *testing.T, fd feedDB) {
 	for _, id := range ids {
 		want[id] = fd.update(t, id, "NoPosition")
 	}
-	eventually(t, 5*time.Second, "a new position and a new generation", func() bool {
+	testenv.WaitFor(t, 5*time.Second, "a new position and a new generation", func() bool {
 		return value(a.m.changesMissed) == 2 && b.redis.shards()[0].gen.Load() != gen
 	})
 	serves(t, b, ids, want, time.Second, "B")
@@ -496,7 +496,7 @@ func testReplayHarmless(t *testing.T, fd feedDB) {
 	prefix := testPrefix()
 	a := newCache(t, db, streamTiered(srv.URL(), prefix, db))
 	b := newCache(t, db, fastTiered(srv.URL(), prefix))
-	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	streaming(t, a)
 	var old []userapi.Change
 	want := map[int64]int64{}
@@ -550,7 +550,7 @@ func TestChangeStreamPanic(t *testing.T) {
 	before := value(panics.Counter("change_stream"))
 	feed := &panickingFeed{id: u.ID}
 	c := newCache(t, db, Config{Mode: ModeLocal, Coalesce: true, Changes: feed})
-	eventually(t, 5*time.Second, "the change applied after the panic", func() bool { return value(c.m.changesApplied) == 1 })
+	testenv.WaitFor(t, 5*time.Second, "the change applied after the panic", func() bool { return value(c.m.changesApplied) == 1 })
 	if got := value(panics.Counter("change_stream")) - before; got != 1 {
 		t.Errorf("userapi_panics_total{where=change_stream} went up by %v, want 1", got)
 	}
@@ -574,7 +574,7 @@ func testKeepsLostPending(t *testing.T, fd feedDB) {
 	prefix := testPrefix()
 	a := newCache(t, db, fastTiered(srv.URL(), prefix))       // the writer
 	b := newCache(t, db, streamTiered(srv.URL(), prefix, db)) // the stream's leader
-	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	streaming(t, b)
 	for _, c := range []*Store{a, b} {
 		for _, id := range ids {
@@ -594,7 +594,7 @@ func testKeepsLostPending(t *testing.T, fd feedDB) {
 	restarted := newCache(t, db, fastTiered(srv.URL(), prefix))
 	time.Sleep(500 * time.Millisecond) // the stream's invalidations time out meanwhile
 	srv.Resume()
-	eventually(t, 5*time.Second, "instances healthy again", func() bool { return healthy(restarted) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy again", func() bool { return healthy(restarted) && healthy(b) })
 	for _, c := range []*Store{restarted, b} {
 		serves(t, c, ids, want, 3*time.Second, "an instance after Redis came back")
 		for _, id := range ids {

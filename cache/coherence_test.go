@@ -133,7 +133,7 @@ func runCoherence(t *testing.T, cr coherenceRun) {
 		}
 		instances[i] = newCache(t, db, cfg)
 	}
-	eventually(t, 5*time.Second, "instances healthy", func() bool {
+	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool {
 		for _, s := range instances {
 			if !healthy(s) {
 				return false
@@ -311,7 +311,7 @@ func runCoherence(t *testing.T, cr coherenceRun) {
 
 	// (c) every tier equals the database, once Redis is back in use.
 	ended := time.Now()
-	eventually(t, 10*time.Second, "instances healthy", func() bool {
+	testenv.WaitFor(t, 10*time.Second, "instances healthy", func() bool {
 		for _, s := range instances {
 			if !healthy(s) {
 				return false

@@ -18,7 +18,7 @@ func TestGuardRulesAgree(t *testing.T) {
 	url := needRedis(t)
 	db := newSQLite(t)
 	c := newCache(t, db, Config{Mode: ModeTiered, RedisURL: url, KeyPrefix: testPrefix()})
-	eventually(t, 5*time.Second, "redis usable", func() bool { return c.redis.usable() && c.redis.shards()[0].runID.Load() != nil })
+	testenv.WaitFor(t, 5*time.Second, "redis usable", func() bool { return c.redis.usable() && c.redis.shards()[0].runID.Load() != nil })
 	r := c.redis
 
 	val := func(v int64) *entry {

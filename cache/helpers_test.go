@@ -288,18 +288,6 @@ func version(tb testing.TB, c *Store, id int64) int64 {
 	return e.Version
 }
 
-// eventually polls cond every millisecond until it holds or d passes.
-func eventually(tb testing.TB, d time.Duration, what string, cond func() bool) {
-	tb.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			tb.Fatalf("after %v: %s", d, what)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
 // value reads a counter or gauge.
 func value(c prometheus.Collector) float64 { return testutil.ToFloat64(c) }
 
@@ -328,7 +316,7 @@ func startRedisSaving(tb testing.TB) *testenv.RedisServer {
 func warmPair(t *testing.T, db userapi.Store, cfg Config, ids []int64) (a, b *Store) {
 	t.Helper()
 	a, b = newCache(t, db, cfg), newCache(t, db, cfg)
-	eventually(t, 10*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 10*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	for _, id := range ids {
 		version(t, a, id)
 		version(t, b, id)

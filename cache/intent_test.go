@@ -86,13 +86,13 @@ func TestCrashedWriterLeavesNothingStale(t *testing.T) {
 			b := newCache(t, db, cfg)
 			// Registered after the caches, so it runs before their Close.
 			t.Cleanup(func() { close(crash.hang) })
-			eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+			testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 			if v := version(t, b, u.ID); v != 1 {
 				t.Fatalf("B reads version %d, want 1", v)
 			}
 			// The read answered from B's local tier; Redis is filled
 			// just after.
-			eventually(t, time.Second, "Redis holds version 1 before the write", func() bool {
+			testenv.WaitFor(t, time.Second, "Redis holds version 1 before the write", func() bool {
 				e := redisEntry(t, b, u.ID)
 				return e != nil && e.kind == kindValue
 			})
@@ -112,7 +112,7 @@ func TestCrashedWriterLeavesNothingStale(t *testing.T) {
 			// The intent is published before the write starts; its notice
 			// reaches B within the channel's delivery time, which is not
 			// what this test measures (TestNoticeDeliveryLatency does).
-			eventually(t, time.Second, "B received the intent", func() bool { return value(b.m.intentsReceived) > 0 })
+			testenv.WaitFor(t, time.Second, "B received the intent", func() bool { return value(b.m.intentsReceived) > 0 })
 			if e := redisEntry(t, b, u.ID); e == nil || e.kind != kindIntent || e.version != 1 {
 				t.Fatalf("Redis holds %s during the write, want an intent carrying version 1", show(e))
 			}
@@ -135,7 +135,7 @@ func TestCrashedWriterLeavesNothingStale(t *testing.T) {
 				if e := localEntry(b, u.ID); e == nil || e.kind != kindValue || e.version != 2 {
 					t.Errorf("B's local tier holds %s after the intent expired, want version 2", show(e))
 				}
-				eventually(t, time.Second, "Redis holds version 2 after the intent expired", func() bool {
+				testenv.WaitFor(t, time.Second, "Redis holds version 2 after the intent expired", func() bool {
 					e := redisEntry(t, b, u.ID)
 					return e != nil && e.kind == kindValue && e.version == 2
 				})
@@ -156,9 +156,9 @@ func TestRefusedWriteReleasesIntent(t *testing.T) {
 	cfg.TombstoneTTL = time.Minute // longer than the test: only the release can end the intent
 	a := newCache(t, db, cfg)
 	b := newCache(t, db, cfg)
-	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	version(t, b, u.ID)
-	eventually(t, time.Second, "Redis filled", func() bool { return redisEntry(t, b, u.ID) != nil })
+	testenv.WaitFor(t, time.Second, "Redis filled", func() bool { return redisEntry(t, b, u.ID) != nil })
 
 	name := "Never"
 	_, err := a.UpdateUser(testenv.Context(t), u.ID, userapi.UserUpdate{Name: &name, IfVersion: 7})
@@ -168,7 +168,7 @@ func TestRefusedWriteReleasesIntent(t *testing.T) {
 	if err := a.DeleteUser(testenv.Context(t), u.ID, 7); !errors.Is(err, userapi.ErrVersionMismatch) {
 		t.Fatalf("DeleteUser with a stale version: %v, want ErrVersionMismatch", err)
 	}
-	eventually(t, time.Second, "B received both releases", func() bool { return value(b.m.invReceived) >= 2 })
+	testenv.WaitFor(t, time.Second, "B received both releases", func() bool { return value(b.m.invReceived) >= 2 })
 	if e := redisEntry(t, b, u.ID); e == nil || e.kind != kindTombstone || e.version != 1 {
 		t.Errorf("Redis holds %s after the refused writes, want the tombstone of version 1", show(e))
 	}
@@ -178,7 +178,7 @@ func TestRefusedWriteReleasesIntent(t *testing.T) {
 	if e := localEntry(b, u.ID); e == nil || e.kind != kindValue || e.version != 1 {
 		t.Errorf("B's local tier holds %s after a read, want version 1 cached again", show(e))
 	}
-	eventually(t, time.Second, "Redis caches version 1 again after a read", func() bool {
+	testenv.WaitFor(t, time.Second, "Redis caches version 1 again after a read", func() bool {
 		e := redisEntry(t, b, u.ID)
 		return e != nil && e.kind == kindValue && e.version == 1
 	})

@@ -55,7 +55,7 @@ func TestPgBouncerTiered(t *testing.T) {
 	for range 3 {
 		inst = append(inst, newCache(t, db, cfg))
 	}
-	eventually(t, 5*time.Second, "instances healthy and streaming", func() bool {
+	testenv.WaitFor(t, 5*time.Second, "instances healthy and streaming", func() bool {
 		missed := 0.0
 		for _, c := range inst {
 			if !healthy(c) {
@@ -77,14 +77,14 @@ func TestPgBouncerTiered(t *testing.T) {
 
 	renamed := rename(t, inst[1], ids[0], "Through the service")
 	for _, c := range inst {
-		eventually(t, 5*time.Second, "every instance serves the service's write", func() bool {
+		testenv.WaitFor(t, 5*time.Second, "every instance serves the service's write", func() bool {
 			return version(t, c, ids[0]) == renamed.Version
 		})
 	}
 
 	pgtest.Exec(t, direct, `UPDATE users SET name = 'By hand' WHERE id = $1`, ids[1])
 	for _, c := range inst {
-		eventually(t, 5*time.Second, "every instance serves the outside write", func() bool {
+		testenv.WaitFor(t, 5*time.Second, "every instance serves the outside write", func() bool {
 			return version(t, c, ids[1]) == 2
 		})
 	}

@@ -214,11 +214,11 @@ func TestChangeStreamLeaderKilled(t *testing.T) {
 	leader.await(t, "applied", 10*time.Second)
 
 	standby := newCache(t, db, streamTiered(srv.URL(), prefix, db))
-	eventually(t, 5*time.Second, "the standby healthy", func() bool { return healthy(standby) })
-	eventually(t, 5*time.Second, "the first change served", func() bool { return version(t, standby, ids[0]) == want[ids[0]] })
+	testenv.WaitFor(t, 5*time.Second, "the standby healthy", func() bool { return healthy(standby) })
+	testenv.WaitFor(t, 5*time.Second, "the first change served", func() bool { return version(t, standby, ids[0]) == want[ids[0]] })
 	before := noticesIn(standby)
 	rename(ids[1], "Second")
-	eventually(t, 5*time.Second, "the leader's invalidation heard", func() bool { return noticesIn(standby) > before })
+	testenv.WaitFor(t, 5*time.Second, "the leader's invalidation heard", func() bool { return noticesIn(standby) > before })
 	if value(standby.m.changesApplied) != 0 {
 		t.Fatal("the standby applied a change while the child led")
 	}
@@ -253,7 +253,7 @@ func TestWriterKilledAfterCommit(t *testing.T) {
 	u := mustCreate(t, db, "killed-writer@example.com")
 	prefix := testPrefix()
 	b := newCache(t, db, streamTiered(srv.URL(), prefix, db))
-	eventually(t, 5*time.Second, "B healthy", func() bool { return healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "B healthy", func() bool { return healthy(b) })
 	streaming(t, b)
 	version(t, b, u.ID)
 	version(t, b, u.ID)
@@ -299,7 +299,7 @@ func TestChangeStreamPostgresRestart(t *testing.T) {
 	prefix := testPrefix()
 	a := newCache(t, db, streamTiered(srv.URL(), prefix, db))
 	b := newCache(t, db, fastTiered(srv.URL(), prefix)) // not following
-	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	streaming(t, a)
 	for _, c := range []*Store{a, b} {
 		for _, id := range ids {
@@ -321,7 +321,7 @@ func TestChangeStreamPostgresRestart(t *testing.T) {
 	}
 	// The pool's connections died with the server; reads answer again
 	// once it has new ones.
-	eventually(t, 10*time.Second, "reads answer after the restart", func() bool {
+	testenv.WaitFor(t, 10*time.Second, "reads answer after the restart", func() bool {
 		_, err := b.GetUserEncoded(testenv.Context(t), ids[0])
 		return err == nil
 	})
@@ -363,7 +363,7 @@ func TestChangeStreamSlotLost(t *testing.T) {
 	prefix := testPrefix()
 	a := newCache(t, db, streamTiered(srv.URL(), prefix, db))
 	b := newCache(t, db, fastTiered(srv.URL(), prefix)) // not following
-	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	streaming(t, a)
 	for _, id := range ids {
 		version(t, b, id)
@@ -380,7 +380,7 @@ func TestChangeStreamSlotLost(t *testing.T) {
 	admin := pg.URL("postgres")
 	pgtest.Exec(t, admin, `ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'`)
 	pgtest.Exec(t, admin, `SELECT pg_reload_conf()`)
-	eventually(t, 10*time.Second, "the slot invalidated", func() bool {
+	testenv.WaitFor(t, 10*time.Second, "the slot invalidated", func() bool {
 		pgtest.Exec(t, url, `CREATE TABLE IF NOT EXISTS filler (n int)`)
 		pgtest.Exec(t, url, `INSERT INTO filler SELECT generate_series(1, 1000)`)
 		pgtest.Exec(t, url, `SELECT pg_switch_wal()`)
@@ -391,7 +391,7 @@ func TestChangeStreamSlotLost(t *testing.T) {
 	})
 
 	c := newCache(t, db, streamTiered(srv.URL(), prefix, db))
-	eventually(t, 5*time.Second, "a new slot and a new generation", func() bool {
+	testenv.WaitFor(t, 5*time.Second, "a new slot and a new generation", func() bool {
 		return value(c.m.changesMissed) == 1 && b.redis.shards()[0].gen.Load() != gen
 	})
 	serves(t, b, ids, want, time.Second, "B")

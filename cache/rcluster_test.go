@@ -60,7 +60,7 @@ func TestRedisClusterTiered(t *testing.T) {
 	prefix := testPrefix()
 	a := newCache(t, db, fastTiered(rc.URL(), prefix))
 	b := newCache(t, db, fastTiered(rc.URL(), prefix))
-	eventually(t, 10*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 10*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	if !a.redis.lay.Load().cluster || len(a.redis.shards()) != clusterShards {
 		t.Fatalf("layout: cluster %v, %d groups", a.redis.lay.Load().cluster, len(a.redis.shards()))
 	}
@@ -90,7 +90,7 @@ func TestRedisClusterTiered(t *testing.T) {
 	rcfg := fastTiered(rc.URL(), prefix)
 	rcfg.Mode = ModeRedis
 	rm := newCache(t, db, rcfg)
-	eventually(t, 10*time.Second, "one-seed and redis-mode instances healthy", func() bool {
+	testenv.WaitFor(t, 10*time.Second, "one-seed and redis-mode instances healthy", func() bool {
 		return healthy(one) && redisUsable(rm)
 	})
 	if !one.redis.lay.Load().cluster || !rm.redis.lay.Load().cluster {
@@ -124,7 +124,7 @@ func TestRedisClusterTiered(t *testing.T) {
 			t.Fatalf("group %d: generation %d after a move from %d", i, moved[i], old[i])
 		}
 	}
-	eventually(t, 2*time.Second, "B on every new generation", func() bool { return slices.Equal(gensOf(b), moved) })
+	testenv.WaitFor(t, 2*time.Second, "B on every new generation", func() bool { return slices.Equal(gensOf(b), moved) })
 	serves(t, b, ids, want, 2*time.Second, "B after the move")
 
 	// Each group's keys are in the slot of its tag, as Redis hashes them.
@@ -347,7 +347,7 @@ func TestRedisClusterManualFailover(t *testing.T) {
 			t.Fatal("the replica was not promoted within 20s")
 		}
 	}
-	eventually(t, 10*time.Second, "every instance on the new master's generations, healthy", func() bool {
+	testenv.WaitFor(t, 10*time.Second, "every instance on the new master's generations, healthy", func() bool {
 		for _, c := range []*Store{a, b} {
 			g := gens(c)
 			for _, i := range groups {
@@ -405,7 +405,7 @@ func TestRedisSentinelManualFailover(t *testing.T) {
 	}
 	_, run, _ := strings.Cut(info, "run_id:")
 	run = strings.TrimSpace(run[:strings.IndexByte(run, '\n')])
-	eventually(t, 10*time.Second, "every instance on the new master, healthy", func() bool {
+	testenv.WaitFor(t, 10*time.Second, "every instance on the new master, healthy", func() bool {
 		for _, c := range []*Store{a, b} {
 			sh := c.redis.shards()[0]
 			if got := sh.runID.Load(); got == nil || *got != run || sh.gen.Load() == before || !healthy(c) {

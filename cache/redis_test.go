@@ -59,7 +59,7 @@ func TestCrossInstanceInvalidation(t *testing.T) {
 	}
 	a := newCache(t, db, fastTiered(url, prefix))
 	b := newCache(t, db, cfgB)
-	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 
 	const writes = 200
 	acked := make(map[int64]time.Time, writes)
@@ -71,12 +71,12 @@ func TestCrossInstanceInvalidation(t *testing.T) {
 		nu := rename(t, a, u.ID, fmt.Sprint("W", i))
 		acked[nu.Version] = time.Now()
 		// B stops serving the old version within the window.
-		eventually(t, time.Second, "B sees the write", func() bool { return version(t, b, u.ID) == nu.Version })
+		testenv.WaitFor(t, time.Second, "B sees the write", func() bool { return version(t, b, u.ID) == nu.Version })
 	}
 	// B may serve a write's version before its notice arrives (from Redis
 	// or the database, while its local tier is bypassed): give the last
 	// notices the same window.
-	eventually(t, time.Second, "every notice reached B", func() bool {
+	testenv.WaitFor(t, time.Second, "every notice reached B", func() bool {
 		mu.Lock()
 		defer mu.Unlock()
 		for v := range acked {
@@ -118,7 +118,7 @@ func TestRedisDown(t *testing.T) {
 	prefix := testPrefix()
 	a := newCache(t, db, fastTiered(srv.URL(), prefix))
 	b := newCache(t, db, fastTiered(srv.URL(), prefix))
-	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	version(t, a, u.ID)
 	version(t, b, u.ID)
 	if value(b.m.localHit) == 0 {
@@ -126,14 +126,14 @@ func TestRedisDown(t *testing.T) {
 	}
 
 	srv.Stop()
-	eventually(t, 2*time.Second, "channels down", func() bool { return !channelIsUp(a) && !channelIsUp(b) })
+	testenv.WaitFor(t, 2*time.Second, "channels down", func() bool { return !channelIsUp(a) && !channelIsUp(b) })
 	// Reads go on (from the database) and open the breaker.
 	for range 20 {
 		if v := version(t, a, u.ID); v != 1 {
 			t.Fatalf("read during outage: version %d", v)
 		}
 	}
-	eventually(t, 2*time.Second, "A's breaker open", func() bool { return !redisUsable(a) })
+	testenv.WaitFor(t, 2*time.Second, "A's breaker open", func() bool { return !redisUsable(a) })
 	if got := value(a.m.breakerState); got != 2 {
 		t.Errorf("breaker state gauge %v, want 2 (open)", got)
 	}
@@ -161,7 +161,7 @@ func TestRedisDown(t *testing.T) {
 	}
 
 	srv.Start()
-	eventually(t, 5*time.Second, "instances healthy again", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy again", func() bool { return healthy(a) && healthy(b) })
 	for _, c := range []*Store{a, b} {
 		for range 3 {
 			if v := version(t, c, u.ID); v != 2 {
@@ -187,7 +187,7 @@ func TestRedisStalled(t *testing.T) {
 	prefix := testPrefix()
 	a := newCache(t, db, fastTiered(srv.URL(), prefix))
 	b := newCache(t, db, fastTiered(srv.URL(), prefix))
-	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	version(t, a, u.ID)
 	version(t, b, u.ID) // Redis and both local tiers hold version 1
 
@@ -207,16 +207,16 @@ func TestRedisStalled(t *testing.T) {
 			t.Fatalf("A read its own write as version %d during the stall", v)
 		}
 	}
-	eventually(t, 2*time.Second, "B's channel down", func() bool { return !channelIsUp(b) })
+	testenv.WaitFor(t, 2*time.Second, "B's channel down", func() bool { return !channelIsUp(b) })
 	if v := version(t, b, u.ID); v != 2 {
 		t.Errorf("B read version %d with its channel down", v)
 	}
 	time.Sleep(1200 * time.Millisecond) // past the connections' write timeout
 	srv.Resume()
 	resumed := time.Now()
-	eventually(t, 3*time.Second, "B serves the write", func() bool { return version(t, b, u.ID) == 2 })
+	testenv.WaitFor(t, 3*time.Second, "B serves the write", func() bool { return version(t, b, u.ID) == 2 })
 	t.Logf("B served the write %v after Redis resumed", time.Since(resumed))
-	eventually(t, 5*time.Second, "instances healthy again", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy again", func() bool { return healthy(a) && healthy(b) })
 	for _, c := range []*Store{a, b} {
 		for range 3 {
 			if v := version(t, c, u.ID); v != 2 {
@@ -250,7 +250,7 @@ func TestPendingOverflow(t *testing.T) {
 	}
 	before := a.redis.shards()[0].gen.Load()
 	srv.Resume()
-	eventually(t, 5*time.Second, "both on a new generation", func() bool {
+	testenv.WaitFor(t, 5*time.Second, "both on a new generation", func() bool {
 		g := a.redis.shards()[0].gen.Load()
 		return g > before && b.redis.shards()[0].gen.Load() == g && healthy(a) && healthy(b)
 	})
@@ -279,7 +279,7 @@ func TestRedisAbsentAtStart(t *testing.T) {
 		t.Fatalf("write without Redis: version %d", v)
 	}
 	srv.Start()
-	eventually(t, 5*time.Second, "healthy once Redis is up", func() bool { return healthy(a) })
+	testenv.WaitFor(t, 5*time.Second, "healthy once Redis is up", func() bool { return healthy(a) })
 	for range 3 {
 		if v := version(t, a, u.ID); v != 2 {
 			t.Errorf("read: version %d, want 2", v)
@@ -440,7 +440,7 @@ func TestPendingBacklog(t *testing.T) {
 	prefix := testPrefix()
 	a := newCache(t, db, fastTiered(srv.URL(), prefix))
 	b := newCache(t, db, fastTiered(srv.URL(), prefix))
-	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	for _, u := range page {
 		version(t, a, u.ID)
 		version(t, b, u.ID) // Redis and both local tiers hold version 1
@@ -454,7 +454,7 @@ func TestPendingBacklog(t *testing.T) {
 	}
 	time.Sleep(1200 * time.Millisecond) // past the connections' write timeout
 	srv.Resume()
-	eventually(t, 5*time.Second, "backlog applied", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "backlog applied", func() bool { return healthy(a) && healthy(b) })
 	for _, c := range []*Store{a, b} {
 		for _, u := range page {
 			if v := version(t, c, u.ID); v != 2 {
@@ -479,7 +479,7 @@ func TestGenerationRejoin(t *testing.T) {
 	prefix := testPrefix()
 	a := newCache(t, db, fastTiered(url, prefix))
 	b := newCache(t, db, fastTiered(url, prefix))
-	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	version(t, a, u.ID)
 	version(t, b, u.ID)
 
@@ -487,11 +487,11 @@ func TestGenerationRejoin(t *testing.T) {
 	if err := c.Do(testenv.Context(t), c.B().Set().Key(prefix+"gen").Value("7").Build()).Error(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 2*time.Second, "both instances on generation 7", func() bool {
+	testenv.WaitFor(t, 2*time.Second, "both instances on generation 7", func() bool {
 		return a.redis.shards()[0].gen.Load() == 7 && b.redis.shards()[0].gen.Load() == 7
 	})
 	nu := rename(t, a, u.ID, "After")
-	eventually(t, time.Second, "B sees the write", func() bool { return version(t, b, u.ID) == nu.Version })
+	testenv.WaitFor(t, time.Second, "B sees the write", func() bool { return version(t, b, u.ID) == nu.Version })
 	checkTiers(t, a, db, u.ID)
 	checkTiers(t, b, db, u.ID)
 }
@@ -504,7 +504,7 @@ func TestRedisOlderThanLocalTombstone(t *testing.T) {
 	db := newSQLite(t)
 	u := mustCreate(t, db, "old@example.com")
 	a := newCache(t, db, fastTiered(url, testPrefix()))
-	eventually(t, 5*time.Second, "instance healthy", func() bool { return healthy(a) })
+	testenv.WaitFor(t, 5*time.Second, "instance healthy", func() bool { return healthy(a) })
 	old, err := a.GetUserEncoded(testenv.Context(t), u.ID)
 	if err != nil {
 		t.Fatal(err)
@@ -552,7 +552,7 @@ func TestOwedGenerationMove(t *testing.T) {
 	if err := srv.Do("CONFIG", "SET", "maxmemory", "0"); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "both on a new generation", func() bool {
+	testenv.WaitFor(t, 5*time.Second, "both on a new generation", func() bool {
 		g := a.redis.shards()[0].gen.Load()
 		return g != before && b.redis.shards()[0].gen.Load() == g && healthy(a) && healthy(b)
 	})
@@ -575,7 +575,7 @@ func TestFirstAdoptionIsAMove(t *testing.T) {
 	srv.Stop()
 	c := newCache(t, newSQLite(t), fastTiered(srv.URL(), testPrefix()))
 	srv.Start()
-	eventually(t, 5*time.Second, "healthy once Redis is up", func() bool { return healthy(c) })
+	testenv.WaitFor(t, 5*time.Second, "healthy once Redis is up", func() bool { return healthy(c) })
 	if !c.redis.movedWithin(time.Minute) {
 		t.Error("the first adoption of a generation was not taken as a move")
 	}
@@ -624,7 +624,7 @@ func TestInvalidationDuringMove(t *testing.T) {
 	cfg.probeInterval = time.Hour // the test calls applyPending itself
 	cfg.RedisTimeout = 200 * time.Millisecond
 	a := newCache(t, db, cfg)
-	eventually(t, 5*time.Second, "healthy", func() bool { return redisUsable(a) })
+	testenv.WaitFor(t, 5*time.Second, "healthy", func() bool { return redisUsable(a) })
 	r := a.redis
 	r.remember(ids[0], 5) // made unneeded by the move
 	r.owed.Add(1)

@@ -60,7 +60,7 @@ func TestLocalCopyOfRedisEntryExpires(t *testing.T) {
 	cfg.TTL = 300 * time.Millisecond
 	a := newCache(t, db, cfg)
 	b := newCache(t, db, cfg)
-	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	for _, id := range ids {
 		version(t, a, id) // fills Redis
 	}
@@ -114,7 +114,7 @@ func TestRedisRefusingWrites(t *testing.T) {
 			prefix := testPrefix()
 			a := newCache(t, db, fastTiered(srv.URL(), prefix))
 			b := newCache(t, db, fastTiered(srv.URL(), prefix))
-			eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+			testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 			for _, id := range ids {
 				version(t, a, id)
 				version(t, b, id)
@@ -132,7 +132,7 @@ func TestRedisRefusingWrites(t *testing.T) {
 			if err := f.heal(srv); err != nil {
 				t.Fatal(err)
 			}
-			eventually(t, 5*time.Second, "instances healthy again", func() bool { return healthy(a) && healthy(b) })
+			testenv.WaitFor(t, 5*time.Second, "instances healthy again", func() bool { return healthy(a) && healthy(b) })
 			serves(t, b, ids, want, 0, "B after recovery")
 			for _, id := range ids {
 				checkTiers(t, a, db, id)
@@ -153,7 +153,7 @@ func TestRedisStalledBelowHeartbeat(t *testing.T) {
 	prefix := testPrefix()
 	a := newCache(t, db, fastTiered(srv.URL(), prefix))
 	b := newCache(t, db, fastTiered(srv.URL(), prefix))
-	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	for _, id := range ids {
 		version(t, a, id)
 		version(t, b, id)
@@ -189,7 +189,7 @@ func TestRedisStalledBelowHeartbeat(t *testing.T) {
 	serves(t, b, ids, want, 3*time.Second, "B during the stall")
 	close(stop)
 	<-done
-	eventually(t, 5*time.Second, "instances healthy again", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy again", func() bool { return healthy(a) && healthy(b) })
 	serves(t, b, ids, want, 0, "B after the stall")
 	serves(t, a, ids, want, 0, "A after the stall")
 	for _, id := range ids {
@@ -211,12 +211,12 @@ func TestRedisRestartedEmptyDuringFill(t *testing.T) {
 	prefix := testPrefix()
 	a := newCache(t, h, fastTiered(srv.URL(), prefix))
 	b := newCache(t, sq, fastTiered(srv.URL(), prefix))
-	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 
 	release := gateFirstLoad(t, h)
 	read := make(chan int64)
 	go func() { read <- version(t, a, u.ID) }()
-	eventually(t, 2*time.Second, "the fill's read in flight", func() bool { return h.reads() == 1 })
+	testenv.WaitFor(t, 2*time.Second, "the fill's read in flight", func() bool { return h.reads() == 1 })
 	nu := rename(t, a, u.ID, "Newer")
 
 	srv.Stop()
@@ -226,7 +226,7 @@ func TestRedisRestartedEmptyDuringFill(t *testing.T) {
 	time.Sleep(settle)
 
 	serves(t, a, []int64{u.ID}, map[int64]int64{u.ID: nu.Version}, 0, "A (read-your-writes)")
-	eventually(t, 5*time.Second, "instances healthy again", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy again", func() bool { return healthy(a) && healthy(b) })
 	serves(t, a, []int64{u.ID}, map[int64]int64{u.ID: nu.Version}, 0, "A after the restart")
 	serves(t, b, []int64{u.ID}, map[int64]int64{u.ID: nu.Version}, 0, "B after the restart")
 	checkTiers(t, a, sq, u.ID)
@@ -243,7 +243,7 @@ func TestRedisRestoredFromOldSnapshot(t *testing.T) {
 	prefix := testPrefix()
 	a := newCache(t, db, fastTiered(srv.URL(), prefix))
 	b := newCache(t, db, fastTiered(srv.URL(), prefix))
-	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
 	for _, id := range ids {
 		version(t, a, id)
 		version(t, b, id)
@@ -259,7 +259,7 @@ func TestRedisRestoredFromOldSnapshot(t *testing.T) {
 	srv.Stop()
 	srv.Start() // loads the snapshot, with the old rows in it
 	time.Sleep(settle)
-	eventually(t, 5*time.Second, "instances healthy again", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy again", func() bool { return healthy(a) && healthy(b) })
 	serves(t, a, ids, want, 0, "A")
 	serves(t, b, ids, want, 0, "B")
 	for _, id := range ids {
@@ -330,11 +330,11 @@ func TestRedisEvictingPolicyRefused(t *testing.T) {
 			if err := srv.Do("CONFIG", "SET", "maxmemory-policy", "noeviction"); err != nil {
 				t.Fatal(err)
 			}
-			eventually(t, 5*time.Second, "instance healthy with noeviction", func() bool { return healthy(c) })
+			testenv.WaitFor(t, 5*time.Second, "instance healthy with noeviction", func() bool { return healthy(c) })
 			for _, id := range ids {
 				version(t, c, id) // fills Redis
 			}
-			eventually(t, 2*time.Second, "Redis filled", func() bool { return value(c.m.fillRedisInstalled) == float64(len(ids)) })
+			testenv.WaitFor(t, 2*time.Second, "Redis filled", func() bool { return value(c.m.fillRedisInstalled) == float64(len(ids)) })
 			for _, id := range ids {
 				checkTiers(t, c, sq, id)
 			}

@@ -77,11 +77,11 @@ FROM generate_series(1, $1) AS g`, users)
 		}
 		inst = append(inst, newCache(t, dbs[i], cfg))
 	}
-	eventually(t, 5*time.Second, "instances healthy", func() bool { return healthy(inst[0]) && healthy(inst[1]) })
+	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(inst[0]) && healthy(inst[1]) })
 	// The rows were inserted outside the service (no instance knows their
 	// commit position): wait until the replica has them, or the first
 	// reads could find them absent there and cache that.
-	eventually(t, 10*time.Second, "the replica has the users", func() bool {
+	testenv.WaitFor(t, 10*time.Second, "the replica has the users", func() bool {
 		c, err := pgx.Connect(testenv.Context(t), replica)
 		if err != nil {
 			t.Fatalf("connect to the replica: %v", err)

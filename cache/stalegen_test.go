@@ -31,7 +31,7 @@ func TestWriteBeforeGenerationAdopted(t *testing.T) {
 	cfgA.probeInterval = time.Hour // A does not probe on its own during the test
 	a := newCache(t, hA, cfgA)
 	b := newCache(t, hB, fastTiered(url, prefix))
-	eventually(t, 5*time.Second, "healthy", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "healthy", func() bool { return healthy(a) && healthy(b) })
 	version(t, a, u.ID)
 	version(t, b, u.ID)
 
@@ -49,7 +49,7 @@ func TestWriteBeforeGenerationAdopted(t *testing.T) {
 	if g2 := b.redis.shards()[0].gen.Load(); g2 == g1 {
 		t.Fatal("B did not move generation")
 	}
-	eventually(t, 5*time.Second, "B healthy", func() bool { return healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "B healthy", func() bool { return healthy(b) })
 
 	readDone, proceed := make(chan struct{}), make(chan struct{})
 	var once sync.Once
@@ -67,7 +67,7 @@ func TestWriteBeforeGenerationAdopted(t *testing.T) {
 	v2 := rename(t, a, u.ID, "New").Version // A still on the old generation
 	close(proceed)
 	<-got
-	eventually(t, 5*time.Second, "B's Redis fill sent", func() bool {
+	testenv.WaitFor(t, 5*time.Second, "B's Redis fill sent", func() bool {
 		return fills() > before
 	})
 	t.Logf("B fills: installed %v stale %v skipped %v", value(b.m.fillRedisInstalled), value(b.m.fillRedisStale), value(b.m.fillRedisSkipped))
@@ -78,13 +78,13 @@ func TestWriteBeforeGenerationAdopted(t *testing.T) {
 	if a.redis.shards()[0].gen.Load() == g1 {
 		t.Fatal("A did not adopt the new generation")
 	}
-	eventually(t, 5*time.Second, "A healthy", func() bool { return healthy(a) })
+	testenv.WaitFor(t, 5*time.Second, "A healthy", func() bool { return healthy(a) })
 	if v := version(t, a, u.ID); v != v2 {
 		t.Errorf("read-your-writes: the writer A reads version %d after writing %d", v, v2)
 	}
 	cfgC := fastTiered(url, prefix)
 	cc := newCache(t, db, cfgC)
-	eventually(t, 5*time.Second, "C healthy", func() bool { return healthy(cc) })
+	testenv.WaitFor(t, 5*time.Second, "C healthy", func() bool { return healthy(cc) })
 	if v := version(t, cc, u.ID); v != v2 {
 		t.Errorf("a third instance reads version %d; the database has %d", v, v2)
 	}
@@ -133,7 +133,7 @@ func TestReplicaRowAfterGenerationMove(t *testing.T) {
 	rep := &lagReplica{Store: db}
 	a := newCache(t, db, fastTiered(url, prefix))  // the writer, reads the primary
 	b := newCache(t, rep, fastTiered(url, prefix)) // reads a replica
-	eventually(t, 5*time.Second, "healthy", func() bool { return healthy(a) && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "healthy", func() bool { return healthy(a) && healthy(b) })
 	version(t, a, u.ID)
 	version(t, b, u.ID)
 	rep.mu.Lock()
@@ -142,14 +142,14 @@ func TestReplicaRowAfterGenerationMove(t *testing.T) {
 	v2 := rename(t, a, u.ID, "New").Version
 	// Once A's notice reached B (B's local tier held version 1), B's
 	// loads meet the tombstone and read the primary again.
-	eventually(t, time.Second, "before the move, B reads the write (the replica check works)", func() bool {
+	testenv.WaitFor(t, time.Second, "before the move, B reads the write (the replica check works)", func() bool {
 		return version(t, b, u.ID) == v2
 	})
 	if err := a.redis.moveGeneration(testenv.Context(t)); err != nil {
 		t.Fatal(err)
 	}
 	g := a.redis.shards()[0].gen.Load()
-	eventually(t, 5*time.Second, "B on the new generation", func() bool { return b.redis.shards()[0].gen.Load() == g && healthy(b) })
+	testenv.WaitFor(t, 5*time.Second, "B on the new generation", func() bool { return b.redis.shards()[0].gen.Load() == g && healthy(b) })
 	vb := version(t, b, u.ID)
 	time.Sleep(200 * time.Millisecond) // B's Redis fill
 	va := version(t, a, u.ID)
@@ -167,7 +167,7 @@ func TestReplicaWithoutRedis(t *testing.T) {
 	u := mustCreate(t, db, "noredis@example.com")
 	prefix := testPrefix()
 	a := newCache(t, db, fastTiered(url, prefix)) // the writer, on a healthy Redis
-	eventually(t, 5*time.Second, "A healthy", func() bool { return healthy(a) })
+	testenv.WaitFor(t, 5*time.Second, "A healthy", func() bool { return healthy(a) })
 	dead := startRedis(t)
 	dead.Stop()
 	rep := &lagReplica{Store: db}
