@@ -954,9 +954,15 @@ func (r *redisTier) probeGroups() (same []bool, err error) {
 	// restart; logged once per refusal, not at every probe.
 	if changed > 0 || r.policyErr != nil {
 		was := r.policyErr
-		r.policyErr = r.checkPolicy(ctx)
-		if r.policyErr != nil && (was == nil || changed > 0) {
+		r.policyErr = r.checkPolicy(ctx, was != nil)
+		switch {
+		case r.policyErr != nil && (was == nil || changed > 0):
 			r.log.Error("redis tier not used", "err", r.policyErr)
+		case r.policyErr == nil && was != nil && changed == 0:
+			// The same server, refused until now: while its policy
+			// could evict, another instance's tombstones and intents in
+			// it may have gone, so none of its entries is trusted.
+			r.owed.Add(1)
 		}
 	}
 	if r.policyErr != nil {
@@ -995,11 +1001,13 @@ func freshGen() string { return strconv.FormatInt(time.Now().UnixMicro(), 10) }
 // checkPolicy refuses a Redis that may evict keys: an evicted tombstone or
 // intent lets a stale fill in. noeviction (writes fail when memory is full,
 // and the tier then fails open) or no memory limit at all is safe. A Redis
-// that hides CONFIG (a managed service) is used, with a warning.
+// that hides CONFIG (a managed service) is used, with a warning, unless
+// strict: a Redis refused before is used again only once every node has
+// shown a safe policy.
 //
 // In a cluster every node the client knows of is asked (a replica is a
 // master after its failover).
-func (r *redisTier) checkPolicy(ctx context.Context) error {
+func (r *redisTier) checkPolicy(ctx context.Context, strict bool) error {
 	c := r.client()
 	nodes := map[string]rueidis.Client{"": c}
 	if r.lay.Load().cluster {
@@ -1007,6 +1015,9 @@ func (r *redisTier) checkPolicy(ctx context.Context) error {
 	}
 	for addr, n := range nodes {
 		m, err := n.Do(ctx, n.B().ConfigGet().Parameter("maxmemory", "maxmemory-policy").Build()).AsStrMap()
+		if err != nil && strict {
+			return fmt.Errorf("redis %scannot read the eviction policy, refused before: %w", strings.TrimPrefix(addr+" ", " "), err)
+		}
 		if err != nil {
 			r.log.Warn("redis: cannot read the eviction policy; it must be noeviction (see docs/cache.md)", "node", addr, "err", err)
 			continue

@@ -279,6 +279,12 @@ func TestRedisEvictingPolicyRefused(t *testing.T) {
 	for _, policy := range []string{"allkeys-lru", "volatile-ttl"} {
 		t.Run(policy, func(t *testing.T) {
 			srv := startRedis(t)
+			prefix := testPrefix()
+			// An instance that used this Redis before its policy changed
+			// (which it does not notice until Redis restarts).
+			before := newCache(t, newSQLite(t), fastTiered(srv.URL(), prefix))
+			testenv.WaitFor(t, 5*time.Second, "the earlier instance healthy", func() bool { return healthy(before) })
+			gen := before.redis.shards()[0].gen.Load()
 			for _, kv := range [][2]string{{"maxmemory", "100mb"}, {"maxmemory-policy", policy}} {
 				if err := srv.Do("CONFIG", "SET", kv[0], kv[1]); err != nil {
 					t.Fatal(err)
@@ -288,7 +294,7 @@ func TestRedisEvictingPolicyRefused(t *testing.T) {
 			ids := createUsers(t, sq, "evict", 3)
 			h := &hookStore{Store: sq}
 			logs := &testenv.Buffer{}
-			cfg := fastTiered(srv.URL(), testPrefix())
+			cfg := fastTiered(srv.URL(), prefix)
 			cfg.Logger = slog.New(slog.NewTextHandler(logs, nil))
 			c := newCache(t, h, cfg)
 
@@ -327,10 +333,27 @@ func TestRedisEvictingPolicyRefused(t *testing.T) {
 				}
 			}
 
+			// A refused Redis whose policy cannot be read stays refused.
+			if err := srv.Do("ACL", "SETUSER", "default", "-config"); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(settle)
+			if redisUsable(c) {
+				t.Fatal("the Redis tier is in use again after its policy could not be read")
+			}
+			if err := srv.Do("ACL", "SETUSER", "default", "+config"); err != nil {
+				t.Fatal(err)
+			}
+
 			if err := srv.Do("CONFIG", "SET", "maxmemory-policy", "noeviction"); err != nil {
 				t.Fatal(err)
 			}
 			testenv.WaitFor(t, 5*time.Second, "instance healthy with noeviction", func() bool { return healthy(c) })
+			// While the policy could evict, the earlier instance's
+			// tombstones may have gone: its entries are not trusted.
+			if c.redis.shards()[0].gen.Load() == gen {
+				t.Error("the tier is in use again in the generation the earlier instance filled")
+			}
 			for _, id := range ids {
 				version(t, c, id) // fills Redis
 			}

@@ -43,6 +43,11 @@ const statusInterval = 5 * time.Second
 // slotName is the slot and publication the store's change stream uses.
 func (s *Store) slotName(ctx context.Context) (string, error) {
 	if s.changeSlot != "" {
+		// PostgreSQL's own rule for slot names; the name is also the
+		// publication's, written into SQL unquoted.
+		if notSlotChar.MatchString(s.changeSlot) || len(s.changeSlot) > 63 {
+			return "", fmt.Errorf("change stream: slot name %q: use at most 63 lower-case letters, digits and underscores", s.changeSlot)
+		}
 		return s.changeSlot, nil
 	}
 	var db string
@@ -140,7 +145,7 @@ func (s *Store) followOnce(ctx context.Context, slot string, apply func(context.
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 
-	found, err := s.usableSlot(ctx, slot)
+	found, err := s.usableSlot(ctx, conn, slot)
 	if err != nil {
 		return err
 	}
@@ -179,10 +184,13 @@ func (s *Store) followOnce(ctx context.Context, slot string, apply func(context.
 // max_slot_wal_keep_size allows, and the WAL it needed is gone) can never
 // be read again: it is dropped, so that the caller creates a new one and
 // the changes it lost count as missed.
-func (s *Store) usableSlot(ctx context.Context, slot string) (bool, error) {
-	var active bool
-	var walStatus *string // NULL for a slot that never reserved WAL
-	err := s.pool.QueryRow(ctx, `SELECT active, wal_status FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&active, &walStatus)
+func (s *Store) usableSlot(ctx context.Context, conn *pgconn.PgConn, slot string) (bool, error) {
+	var active, lost bool
+	// wal_status is read through to_jsonb because PostgreSQL before 13 has
+	// no such column (and no max_slot_wal_keep_size to lose a slot to).
+	err := s.pool.QueryRow(ctx, `
+SELECT active, coalesce(to_jsonb(s)->>'wal_status' = 'lost', false)
+FROM pg_replication_slots s WHERE slot_name = $1`, slot).Scan(&active, &lost)
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
 		return false, nil
@@ -190,16 +198,21 @@ func (s *Store) usableSlot(ctx context.Context, slot string) (bool, error) {
 		return false, fmt.Errorf("change stream: %w", translate(err))
 	case active:
 		return false, errSlotBusy
-	case walStatus == nil || *walStatus != "lost":
+	case !lost:
 		return true, nil
 	}
-	_, err = s.pool.Exec(ctx, `SELECT pg_drop_replication_slot($1)`, slot)
-	var pe *pgconn.PgError
-	switch {
-	case errors.As(err, &pe) && (pe.Code == "42704" || pe.Code == "55006"): // another follower dropped it, or took it
-		return false, errSlotBusy
-	case err != nil:
-		return false, fmt.Errorf("change stream: drop the lost slot %s: %w", slot, translate(err))
+	// Dropped on the replication connection, whose role has the
+	// REPLICATION right the pool's may lack, and only if it is still lost
+	// and idle: another follower may have dropped it and created a new
+	// one since it was read.
+	res, err := conn.Exec(ctx, `
+SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots s
+WHERE slot_name = '`+slot+`' AND NOT active AND to_jsonb(s)->>'wal_status' = 'lost'`).ReadAll()
+	if err != nil {
+		return false, fmt.Errorf("change stream: drop the lost slot %s: %w", slot, err)
+	}
+	if len(res) == 0 || len(res[0].Rows) == 0 {
+		return false, errSlotBusy // another follower got there first: look again
 	}
 	return false, nil
 }
