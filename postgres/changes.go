@@ -82,6 +82,7 @@ func (s *Store) FollowChanges(ctx context.Context, apply func(context.Context, [
 	if err := s.ensurePublication(ctx, slot); err != nil {
 		return err
 	}
+	s.followed.Store(&slot)
 	for {
 		err := s.followOnce(ctx, slot, apply, missed)
 		if !errors.Is(err, errSlotBusy) {
@@ -223,7 +224,6 @@ WHERE slot_name = '`+slot+`' AND NOT active AND to_jsonb(s)->>'wal_status' = 'lo
 // maxBatch changes. A transaction's end is acknowledged only after apply
 // returned nil for it.
 func (s *Store) stream(ctx context.Context, conn *pgconn.PgConn, apply func(context.Context, []userapi.Change) error, missed func(context.Context) error) error {
-	defer s.changeLag.Store(0)
 	var (
 		applied   pglogrepl.LSN // every transaction up to here is applied
 		inTx      bool
@@ -236,14 +236,7 @@ func (s *Store) stream(ctx context.Context, conn *pgconn.PgConn, apply func(cont
 		versionAt = -1             // the version column's position in its tuples
 		idAt      = -1
 		nextAck   = time.Now().Add(statusInterval)
-		walEnd    pglogrepl.LSN // the server's position, as last reported
 	)
-	// reportLag sets the lag gauge: the WAL between what the server has
-	// reported and what is applied.
-	reportLag := func(end pglogrepl.LSN) {
-		walEnd = max(walEnd, end)
-		s.changeLag.Store(int64(walEnd - min(walEnd, applied)))
-	}
 	ack := func() error {
 		nextAck = time.Now().Add(statusInterval)
 		return pglogrepl.SendStandbyStatusUpdate(ctx, conn, pglogrepl.StandbyStatusUpdate{WALWritePosition: applied})
@@ -259,7 +252,6 @@ func (s *Store) stream(ctx context.Context, conn *pgconn.PgConn, apply func(cont
 			return fmt.Errorf("change stream: apply: %w", err)
 		}
 		applied = batchEnd
-		reportLag(applied)
 		changes = append(changes[:0], changes[committed:]...)
 		committed = 0
 		if soon := time.Now().Add(ackDelay); soon.Before(nextAck) {
@@ -331,7 +323,6 @@ func (s *Store) stream(ctx context.Context, conn *pgconn.PgConn, apply func(cont
 			if ka.ReplyRequested {
 				nextAck = time.Now()
 			}
-			reportLag(ka.ServerWALEnd)
 		case pglogrepl.XLogDataByteID:
 			xld, err := pglogrepl.ParseXLogData(cd.Data[1:])
 			if err != nil {
@@ -418,7 +409,6 @@ func (s *Store) stream(ctx context.Context, conn *pgconn.PgConn, apply func(cont
 					// reason to replay it.
 					applied = batchEnd
 				}
-				reportLag(xld.ServerWALEnd)
 			}
 		}
 	}

@@ -1,6 +1,7 @@
 package postgres
 
 import (
+	"context"
 	"math"
 	"time"
 
@@ -41,7 +42,7 @@ var (
 	descAcquireSeconds = prometheus.NewDesc("userapi_db_pool_acquire_duration_seconds_total",
 		"Time spent in all successful acquires.", nil, nil)
 	descChangeLag = prometheus.NewDesc("userapi_change_stream_lag_bytes",
-		"Bytes of WAL between the server's position and the last transaction the change stream applied (0 while this instance does not lead it).", nil, nil)
+		"Bytes of WAL between the server's current position and the change stream slot's confirmed position: what the slot retains that no follower has applied.", nil, nil)
 	descCanceled = prometheus.NewDesc("userapi_db_pool_canceled_acquires_total",
 		"Acquires that ended because their context was canceled or timed out.", nil, nil)
 )
@@ -76,7 +77,13 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(descWaitSeconds, st.EmptyAcquireWaitTime().Seconds())
 	counter(descAcquireSeconds, st.AcquireDuration().Seconds())
 	counter(descCanceled, float64(st.CanceledAcquireCount()))
-	gauge(descChangeLag, float64(c.s.changeLag.Load()))
+	// 0 where no change stream is followed; nothing when the server
+	// cannot tell.
+	if slot := c.s.followed.Load(); slot == nil {
+		gauge(descChangeLag, 0)
+	} else if lag, err := c.s.slotLag(*slot); err == nil {
+		gauge(descChangeLag, float64(lag))
+	}
 }
 
 var (
@@ -127,4 +134,18 @@ func (c *replicaCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descFallbacks, prometheus.CounterValue, float64(rt.fallbacks[i].Load()), reason)
 	}
 	ch <- prometheus.MustNewConstMetric(descPollErrors, prometheus.CounterValue, float64(rt.pollErrors.Load()))
+}
+
+// slotLag is the WAL between the server's current position and what the
+// slot's follower has confirmed. It is read from the server, not from the
+// stream, so it also grows while no instance leads (all of them down, or
+// failing to apply), which is when the slot's retained WAL fills the disk.
+func (s *Store) slotLag(slot string) (int64, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	var lag int64
+	err := s.pool.QueryRow(ctx, `
+SELECT coalesce(pg_current_wal_lsn() - confirmed_flush_lsn, 0)::bigint
+FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&lag)
+	return lag, err
 }

@@ -120,7 +120,7 @@ type Store struct {
 
 	changeSlot string         // Options.ChangeSlot
 	direct     *pgconn.Config // the server itself, for the change stream (Options.DirectURL)
-	changeLag  atomic.Int64   // bytes of WAL the change stream is behind the server
+	followed   atomic.Pointer[string] // the slot FollowChanges reads, for the lag metric
 
 	rt *routing // nil without replicas
 }
