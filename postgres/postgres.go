@@ -118,8 +118,8 @@ type Store struct {
 	queryTimeout   time.Duration
 	schemaVersion  int64 // the newest embedded migration
 
-	changeSlot string         // Options.ChangeSlot
-	direct     *pgconn.Config // the server itself, for the change stream (Options.DirectURL)
+	changeSlot string                 // Options.ChangeSlot
+	direct     *pgconn.Config         // the server itself, for the change stream (Options.DirectURL)
 	followed   atomic.Pointer[string] // the slot FollowChanges reads, for the lag metric
 
 	rt *routing // nil without replicas
