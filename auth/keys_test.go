@@ -3,22 +3,18 @@ package auth
 import (
 	"context"
 	"errors"
-	"path/filepath"
 	"testing"
 	"time"
 
 	"userapi"
+	"userapi/internal/sqlitetest"
 	"userapi/internal/testenv"
 	"userapi/sqlite"
 )
 
 func newKeyStore(t *testing.T) *sqlite.Store {
 	t.Helper()
-	s, err := sqlite.Open(testenv.Context(t), "sqlite:"+filepath.Join(t.TempDir(), "k.db"), sqlite.Options{Migrate: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close() })
+	s, _ := sqlitetest.Open(t)
 	return s
 }
 

@@ -5,7 +5,6 @@ import (
 	"database/sql"
 	"fmt"
 	"math/rand/v2"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -17,10 +16,10 @@ import (
 	"userapi"
 	"userapi/internal/panics"
 	"userapi/internal/pgtest"
+	"userapi/internal/sqlitetest"
 	"userapi/internal/testenv"
 	"userapi/mysql"
 	"userapi/postgres"
-	"userapi/sqlite"
 )
 
 // The change stream: writes made outside the service, on another
@@ -136,12 +135,7 @@ WHERE database = current_database() AND NOT active`).Scan(&dropped)
 		}
 	}},
 	{"sqlite", func(t *testing.T) feedDB {
-		path := filepath.Join(t.TempDir(), "users.db")
-		db, err := sqlite.Open(testenv.Context(t), "sqlite:"+path, sqlite.Options{Migrate: true})
-		if err != nil {
-			t.Fatalf("sqlite.Open: %v", err)
-		}
-		t.Cleanup(func() { db.Close() })
+		db, path := sqlitetest.Open(t)
 		// Another connection to the file, as another process would have.
 		w, err := sql.Open("sqlite3", "file:"+path+"?_pragma=busy_timeout(5000)")
 		if err != nil {

@@ -7,7 +7,6 @@ import (
 	"math/rand/v2"
 	"net/url"
 	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -19,20 +18,15 @@ import (
 
 	"userapi"
 	"userapi/internal/pgtest"
+	"userapi/internal/sqlitetest"
 	"userapi/internal/testenv"
 	"userapi/postgres"
-	"userapi/sqlite"
 )
 
 // newSQLite opens a fresh, migrated SQLite store in a temporary directory.
 func newSQLite(tb testing.TB) userapi.Store {
 	tb.Helper()
-	path := filepath.Join(tb.TempDir(), "users.db")
-	s, err := sqlite.Open(testenv.Context(tb), "sqlite:"+path, sqlite.Options{Migrate: true})
-	if err != nil {
-		tb.Fatalf("sqlite.Open: %v", err)
-	}
-	tb.Cleanup(func() { s.Close() })
+	s, _ := sqlitetest.Open(tb)
 	return s
 }
 

@@ -644,3 +644,74 @@ func TestInvalidationDuringMove(t *testing.T) {
 		t.Errorf("the write's invalidation in the new generation: %s, want a tombstone of version 7", show(e))
 	}
 }
+
+// holdingClient is a Redis client whose pipelined calls of one script wait
+// until released: a Redis slow to take them, for that script alone.
+type holdingClient struct {
+	rueidis.Client
+	sha     string
+	held    chan struct{} // closed when the first such call arrives
+	release chan struct{}
+	once    sync.Once
+}
+
+func (h *holdingClient) DoMulti(ctx context.Context, cmds ...rueidis.Completed) []rueidis.RedisResult {
+	for _, cmd := range cmds {
+		if args := cmd.Commands(); len(args) > 1 && args[0] == "EVALSHA" && args[1] == h.sha {
+			h.once.Do(func() { close(h.held) })
+			<-h.release
+			break
+		}
+	}
+	return h.Client.DoMulti(ctx, cmds...)
+}
+
+// TestFillDoesNotHoldCallers: a miss is answered once the row is read and
+// the local tier holds it; the Redis fill of its batch follows on its own.
+// With Redis holding every fill, misses are still answered, and the fills
+// land once Redis takes them.
+func TestFillDoesNotHoldCallers(t *testing.T) {
+	opt, err := rueidis.ParseURL(needRedis(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	client, err := rueidis.NewClient(opt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(client.Close)
+	hold := &holdingClient{Client: client, sha: newScript(fillScript).sha, held: make(chan struct{}), release: make(chan struct{})}
+	db := newSQLite(t)
+	ids := createUsers(t, db, "held-fill", 8)
+	cfg := fastTiered("", testPrefix())
+	cfg.Redis = hold
+	c := newCache(t, db, cfg)
+	testenv.WaitFor(t, 5*time.Second, "instance healthy", func() bool { return healthy(c) })
+
+	answered := make(chan struct{})
+	go func() {
+		defer close(answered)
+		var wg sync.WaitGroup
+		readConcurrently(t, &wg, c, ids)
+		wg.Wait()
+	}()
+	select {
+	case <-answered:
+	case <-time.After(10 * time.Second):
+		close(hold.release)
+		t.Fatal("the misses were not answered while Redis held their fill")
+	}
+	select {
+	case <-hold.held:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no fill reached Redis")
+	}
+	if n := value(c.m.fillRedisInstalled); n != 0 {
+		t.Fatalf("%v fills installed while Redis held them", n)
+	}
+	close(hold.release)
+	testenv.WaitFor(t, 5*time.Second, "the fills installed", func() bool { return value(c.m.fillRedisInstalled) == float64(len(ids)) })
+	for _, id := range ids {
+		checkTiers(t, c, db, id)
+	}
+}

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"log/slog"
 	"net"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -14,6 +13,7 @@ import (
 	"github.com/valyala/fasthttp"
 
 	"userapi"
+	"userapi/internal/sqlitetest"
 	"userapi/internal/testenv"
 	"userapi/sqlite"
 )
@@ -22,12 +22,7 @@ import (
 // directory, closed when the test ends.
 func newSQLiteStore(tb testing.TB) *sqlite.Store {
 	tb.Helper()
-	url := "sqlite:" + filepath.Join(tb.TempDir(), "users.db")
-	st, err := sqlite.Open(context.Background(), url, sqlite.Options{Migrate: true})
-	if err != nil {
-		tb.Fatalf("open %s: %v", url, err)
-	}
-	tb.Cleanup(func() { st.Close() })
+	st, _ := sqlitetest.Open(tb)
 	return st
 }
 

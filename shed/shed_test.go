@@ -3,7 +3,6 @@ package shed_test
 import (
 	"context"
 	"errors"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -13,9 +12,9 @@ import (
 
 	"userapi"
 	"userapi/cache"
+	"userapi/internal/sqlitetest"
 	"userapi/internal/testenv"
 	"userapi/shed"
-	"userapi/sqlite"
 )
 
 // fixed is a Limiter whose limit does not move, so tests know it.
@@ -98,11 +97,7 @@ func TestShedBehindCache(t *testing.T) {
 	for _, coalesce := range []bool{true, false} {
 		t.Run(map[bool]string{true: "coalesce", false: "direct"}[coalesce], func(t *testing.T) {
 			ctx := testenv.Context(t)
-			db, err := sqlite.Open(ctx, "sqlite:"+filepath.Join(t.TempDir(), "u.db"), sqlite.Options{Migrate: true})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer db.Close()
+			db, _ := sqlitetest.Open(t)
 			var ids []int64
 			for _, e := range []string{"a@example.com", "b@example.com", "c@example.com", "d@example.com"} {
 				u, _, err := db.CreateUser(ctx, userapi.UserCreate{Email: e, Name: "N"})
