@@ -1,16 +1,13 @@
 package cache
 
 import (
-	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"strconv"
-	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -69,12 +66,12 @@ func runChild(role string) error {
 		if err != nil {
 			return err
 		}
-		for value(c.m.changesMissed) == 0 {
-			time.Sleep(time.Millisecond)
+		if err := within(30*time.Second, func() bool { return value(c.m.changesMissed) > 0 }); err != nil {
+			return fmt.Errorf("no slot: %w", err)
 		}
 		fmt.Println("following")
-		for value(c.m.changesApplied) == 0 {
-			time.Sleep(time.Millisecond)
+		if err := within(30*time.Second, func() bool { return value(c.m.changesApplied) > 0 }); err != nil {
+			return fmt.Errorf("no change applied: %w", err)
 		}
 		fmt.Println("applied")
 		select {}
@@ -87,14 +84,26 @@ func runChild(role string) error {
 		if err != nil {
 			return err
 		}
-		for !healthy(c) {
-			time.Sleep(time.Millisecond)
+		if err := within(30*time.Second, func() bool { return healthy(c) }); err != nil {
+			return fmt.Errorf("never healthy: %w", err)
 		}
 		name := "Killed writer"
 		_, err = c.UpdateUser(ctx, id, userapi.UserUpdate{Name: &name})
 		return fmt.Errorf("the writer lived on after its commit: %v", err)
 	}
 	return fmt.Errorf("unknown role %q", role)
+}
+
+// within polls cond every millisecond until it holds, or fails after d.
+func within(d time.Duration, cond func() bool) error {
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("not within %v", d)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return nil
 }
 
 // killAfterCommit is a store whose process dies the moment an update has
@@ -113,54 +122,62 @@ func (s killAfterCommit) UpdateUser(ctx context.Context, id int64, upd userapi.U
 // child is an instance running in a process of its own.
 type child struct {
 	cmd   *exec.Cmd
-	lines chan string // what it prints
-	mu    sync.Mutex
-	log   strings.Builder // what it wrote to stderr
+	lines chan string    // what it prints
+	log   testenv.Buffer // what it writes to stderr
+	done  chan struct{}  // closed once it has exited
+	err   error          // cmd.Wait's, once done
+}
+
+// lineWriter hands each line written to it to a channel.
+type lineWriter struct {
+	partial []byte
+	lines   chan<- string
+}
+
+func (w *lineWriter) Write(p []byte) (int, error) {
+	w.partial = append(w.partial, p...)
+	for {
+		i := bytes.IndexByte(w.partial, '\n')
+		if i < 0 {
+			return len(p), nil
+		}
+		w.lines <- string(w.partial[:i])
+		w.partial = w.partial[i+1:]
+	}
 }
 
 // startChild runs this test binary as an instance in role (runChild) over
-// the database dbURL and Redis redisURL with prefix. It is killed at
-// cleanup if the test has not killed it.
+// the database dbURL and Redis redisURL with prefix. The child dies with
+// the test binary (Pdeathsig), and is killed at cleanup if the test has not
+// killed it.
 func startChild(t *testing.T, role, dbURL, redisURL, prefix string, env ...string) *child {
 	t.Helper()
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &child{cmd: exec.Command(exe, "-test.run=^$"), lines: make(chan string, 16)}
+	c := &child{cmd: exec.Command(exe, "-test.run=^$"), lines: make(chan string, 16), done: make(chan struct{})}
 	c.cmd.Env = append(os.Environ(), childEnv+"="+role, childDB+"="+dbURL, childRedis+"="+redisURL, childPrefix+"="+prefix)
 	c.cmd.Env = append(c.cmd.Env, env...)
-	stdout, err := c.cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stderr, err := c.cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
+	c.cmd.Stdout = &lineWriter{lines: c.lines}
+	c.cmd.Stderr = &c.log
+	c.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := c.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	go func() {
-		sc := bufio.NewScanner(stdout)
-		for sc.Scan() {
-			c.lines <- sc.Text()
-		}
-		close(c.lines)
-	}()
-	go func() {
-		b, _ := io.ReadAll(stderr)
-		c.mu.Lock()
-		c.log.Write(b)
-		c.mu.Unlock()
+		c.err = c.cmd.Wait()
+		close(c.done)
 	}()
 	t.Cleanup(func() {
 		c.cmd.Process.Kill()
-		c.cmd.Wait()
+		select {
+		case <-c.done:
+		case <-time.After(10 * time.Second):
+			t.Errorf("child %s did not end after SIGKILL", role)
+		}
 		if t.Failed() {
-			c.mu.Lock()
 			t.Logf("child %s's stderr:\n%s", role, c.log.String())
-			c.mu.Unlock()
 		}
 	})
 	return c
@@ -172,13 +189,12 @@ func (c *child) await(t *testing.T, line string, d time.Duration) {
 	timeout := time.After(d)
 	for {
 		select {
-		case got, ok := <-c.lines:
-			if !ok {
-				t.Fatalf("the child exited before printing %q", line)
-			}
+		case got := <-c.lines:
 			if got == line {
 				return
 			}
+		case <-c.done:
+			t.Fatalf("the child exited (%v) before printing %q", c.err, line)
 		case <-timeout:
 			t.Fatalf("the child did not print %q within %v", line, d)
 		}
@@ -188,10 +204,14 @@ func (c *child) await(t *testing.T, line string, d time.Duration) {
 // killed waits until the child has died of SIGKILL.
 func (c *child) killed(t *testing.T) {
 	t.Helper()
-	err := c.cmd.Wait()
+	select {
+	case <-c.done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the child did not end within 30s")
+	}
 	var ee *exec.ExitError
-	if !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
-		t.Fatalf("the child ended with %v, want SIGKILL", err)
+	if !errors.As(c.err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
+		t.Fatalf("the child ended with %v, want SIGKILL", c.err)
 	}
 }
 
@@ -267,7 +287,7 @@ func TestWriterKilledAfterCommit(t *testing.T) {
 	if row.Version != u.Version+1 || row.Name != "Killed writer" {
 		t.Fatalf("the database has %+v: the writer's update did not commit", row)
 	}
-	serves(t, b, []int64{u.ID}, map[int64]int64{u.ID: row.Version}, time.Second, "B")
+	serves(t, b, []int64{u.ID}, map[int64]int64{u.ID: row.Version}, 5*time.Second, "B")
 	checkTiers(t, b, db, u.ID)
 }
 

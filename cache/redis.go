@@ -958,10 +958,11 @@ func (r *redisTier) probeGroups() (same []bool, err error) {
 		switch {
 		case r.policyErr != nil && (was == nil || changed > 0):
 			r.log.Error("redis tier not used", "err", r.policyErr)
-		case r.policyErr == nil && was != nil && changed == 0:
-			// The same server, refused until now: while its policy
-			// could evict, another instance's tombstones and intents in
-			// it may have gone, so none of its entries is trusted.
+		case r.policyErr == nil && was != nil:
+			// Refused until now: while its policy could evict, another
+			// instance's tombstones and intents may have gone from any
+			// of its nodes (a group whose run id changed moves anyway,
+			// the others would not), so none of its entries is trusted.
 			r.owed.Add(1)
 		}
 	}

@@ -653,7 +653,11 @@ type holdingClient struct {
 	held    chan struct{} // closed when the first such call arrives
 	release chan struct{}
 	once    sync.Once
+	freed   sync.Once
 }
+
+// free lets the held calls, and every later one, through.
+func (h *holdingClient) free() { h.freed.Do(func() { close(h.release) }) }
 
 func (h *holdingClient) DoMulti(ctx context.Context, cmds ...rueidis.Completed) []rueidis.RedisResult {
 	for _, cmd := range cmds {
@@ -683,8 +687,12 @@ func TestFillDoesNotHoldCallers(t *testing.T) {
 	hold := &holdingClient{Client: client, sha: newScript(fillScript).sha, held: make(chan struct{}), release: make(chan struct{})}
 	db := newSQLite(t)
 	ids := createUsers(t, db, "held-fill", 8)
+	t.Cleanup(hold.free) // before the cache's Close, which waits for the filler
 	cfg := fastTiered("", testPrefix())
 	cfg.Redis = hold
+	// A fill's deadline starts before Redis holds it: long enough for the
+	// hold, whatever the machine's load.
+	cfg.RedisTimeout = 30 * time.Second
 	c := newCache(t, db, cfg)
 	testenv.WaitFor(t, 5*time.Second, "instance healthy", func() bool { return healthy(c) })
 
@@ -698,7 +706,6 @@ func TestFillDoesNotHoldCallers(t *testing.T) {
 	select {
 	case <-answered:
 	case <-time.After(10 * time.Second):
-		close(hold.release)
 		t.Fatal("the misses were not answered while Redis held their fill")
 	}
 	select {
@@ -709,7 +716,7 @@ func TestFillDoesNotHoldCallers(t *testing.T) {
 	if n := value(c.m.fillRedisInstalled); n != 0 {
 		t.Fatalf("%v fills installed while Redis held them", n)
 	}
-	close(hold.release)
+	hold.free()
 	testenv.WaitFor(t, 5*time.Second, "the fills installed", func() bool { return value(c.m.fillRedisInstalled) == float64(len(ids)) })
 	for _, id := range ids {
 		checkTiers(t, c, db, id)

@@ -43,12 +43,7 @@ const statusInterval = 5 * time.Second
 // slotName is the slot and publication the store's change stream uses.
 func (s *Store) slotName(ctx context.Context) (string, error) {
 	if s.changeSlot != "" {
-		// PostgreSQL's own rule for slot names; the name is also the
-		// publication's, written into SQL unquoted.
-		if notSlotChar.MatchString(s.changeSlot) || len(s.changeSlot) > 63 {
-			return "", fmt.Errorf("change stream: slot name %q: use at most 63 lower-case letters, digits and underscores", s.changeSlot)
-		}
-		return s.changeSlot, nil
+		return s.changeSlot, nil // checked by Open
 	}
 	var db string
 	if err := s.pool.QueryRow(ctx, `SELECT current_database()`).Scan(&db); err != nil {
@@ -58,6 +53,16 @@ func (s *Store) slotName(ctx context.Context) (string, error) {
 }
 
 var notSlotChar = regexp.MustCompile(`[^a-z0-9_]`)
+
+// checkSlotName applies PostgreSQL's rule for slot names. The name is also
+// the publication's, and is written into SQL (quoted where it is an
+// identifier), so nothing else may pass.
+func checkSlotName(n string) error {
+	if n == "" || notSlotChar.MatchString(n) || len(n) > 63 {
+		return fmt.Errorf("change stream: slot name %q: use 1 to 63 lower-case letters, digits and underscores", n)
+	}
+	return nil
+}
 
 // defaultSlot is "userapi_" and the database's name in the characters a
 // slot name may have, at most 63 bytes: slots belong to the whole server,
@@ -124,7 +129,7 @@ func (s *Store) ensurePublication(ctx context.Context, name string) error {
 	}
 	// id and version are all an invalidation needs; id is the replica
 	// identity, so a delete carries it too.
-	_, err := s.pool.Exec(ctx, `CREATE PUBLICATION `+name+` FOR TABLE users (id, version)`)
+	_, err := s.pool.Exec(ctx, `CREATE PUBLICATION `+pgx.Identifier{name}.Sanitize()+` FOR TABLE users (id, version)`)
 	var pe *pgconn.PgError
 	if errors.As(err, &pe) && pe.Code == "42710" { // duplicate_object: another instance won
 		return nil
@@ -167,7 +172,7 @@ func (s *Store) followOnce(ctx context.Context, slot string, apply func(context.
 	}
 	err = pglogrepl.StartReplication(ctx, conn, slot, 0, pglogrepl.StartReplicationOptions{
 		Mode:       pglogrepl.LogicalReplication,
-		PluginArgs: []string{"proto_version '1'", "publication_names '" + slot + "'"},
+		PluginArgs: []string{"proto_version '1'", "publication_names '\"" + slot + "\"'"},
 	})
 	var pe *pgconn.PgError
 	if errors.As(err, &pe) && pe.Code == "55006" { // object_in_use: another follower leads
@@ -209,7 +214,11 @@ FROM pg_replication_slots s WHERE slot_name = $1`, slot).Scan(&active, &lost)
 	res, err := conn.Exec(ctx, `
 SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots s
 WHERE slot_name = '`+slot+`' AND NOT active AND to_jsonb(s)->>'wal_status' = 'lost'`).ReadAll()
-	if err != nil {
+	var pe *pgconn.PgError
+	switch {
+	case errors.As(err, &pe) && (pe.Code == "42704" || pe.Code == "55006"): // dropped, or taken, meanwhile
+		return false, errSlotBusy
+	case err != nil:
 		return false, fmt.Errorf("change stream: drop the lost slot %s: %w", slot, err)
 	}
 	if len(res) == 0 || len(res[0].Rows) == 0 {

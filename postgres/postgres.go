@@ -164,6 +164,11 @@ func Open(ctx context.Context, url string, opts Options) (*Store, error) {
 		cc.RuntimeParams["application_name"] = "userapi"
 	}
 
+	if opts.ChangeSlot != "" {
+		if err := checkSlotName(opts.ChangeSlot); err != nil {
+			return nil, fmt.Errorf("open postgres: %w", err)
+		}
+	}
 	s := &Store{acquireTimeout: opts.AcquireTimeout, queryTimeout: opts.QueryTimeout, changeSlot: opts.ChangeSlot}
 	s.direct = &cc.Config
 	if opts.DirectURL != "" {
