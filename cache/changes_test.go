@@ -212,6 +212,26 @@ func streaming(t *testing.T, cs ...*Store) {
 	})
 }
 
+// followerPair starts two tiered instances over db with Redis at url, the
+// first following db's change stream and the second not, waits until both
+// are healthy and the first follows, and reads ids twice on each (Redis
+// and both local tiers hold them).
+func followerPair(t *testing.T, url string, db feedStore, ids []int64) (follower, other *Store) {
+	t.Helper()
+	prefix := testPrefix()
+	follower = newCache(t, db, streamTiered(url, prefix, db))
+	other = newCache(t, db, fastTiered(url, prefix))
+	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(follower) && healthy(other) })
+	streaming(t, follower)
+	for _, c := range []*Store{follower, other} {
+		for _, id := range ids {
+			version(t, c, id)
+			version(t, c, id)
+		}
+	}
+	return follower, other
+}
+
 func leading(cs ...*Store) int {
 	n := 0
 	for _, c := range cs {
@@ -565,17 +585,7 @@ func testKeepsLostPending(t *testing.T, fd feedDB) {
 	srv := startRedis(t)
 	db := fd.store
 	ids := createUsers(t, db, "lost-pending", 5)
-	prefix := testPrefix()
-	a := newCache(t, db, fastTiered(srv.URL(), prefix))       // the writer
-	b := newCache(t, db, streamTiered(srv.URL(), prefix, db)) // the stream's leader
-	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
-	streaming(t, b)
-	for _, c := range []*Store{a, b} {
-		for _, id := range ids {
-			version(t, c, id)
-			version(t, c, id)
-		}
-	}
+	b, a := followerPair(t, srv.URL(), db, ids) // a writes, b leads the stream
 	srv.Pause()
 	want := map[int64]int64{}
 	for _, id := range ids {
@@ -585,7 +595,7 @@ func testKeepsLostPending(t *testing.T, fd feedDB) {
 		t.Fatalf("the writer has %d invalidations pending, want %d", n, len(ids))
 	}
 	a.Close() // its pending invalidations go with it
-	restarted := newCache(t, db, fastTiered(srv.URL(), prefix))
+	restarted := newCache(t, db, fastTiered(srv.URL(), a.cfg.KeyPrefix))
 	time.Sleep(500 * time.Millisecond) // the stream's invalidations time out meanwhile
 	srv.Resume()
 	testenv.WaitFor(t, 5*time.Second, "instances healthy again", func() bool { return healthy(restarted) && healthy(b) })

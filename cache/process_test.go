@@ -316,17 +316,7 @@ func TestChangeStreamPostgresRestart(t *testing.T) {
 	srv := startRedis(t)
 	pg, db, url := logicalCluster(t)
 	ids := createUsers(t, db, "pg-restart", 20)
-	prefix := testPrefix()
-	a := newCache(t, db, streamTiered(srv.URL(), prefix, db))
-	b := newCache(t, db, fastTiered(srv.URL(), prefix)) // not following
-	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
-	streaming(t, a)
-	for _, c := range []*Store{a, b} {
-		for _, id := range ids {
-			version(t, c, id)
-			version(t, c, id)
-		}
-	}
+	a, b := followerPair(t, srv.URL(), db, ids)
 
 	want := map[int64]int64{}
 	half := len(ids) / 2
@@ -380,15 +370,7 @@ func TestChangeStreamSlotLost(t *testing.T) {
 	srv := startRedis(t)
 	pg, db, url := logicalCluster(t)
 	ids := createUsers(t, db, "slot-lost", 10)
-	prefix := testPrefix()
-	a := newCache(t, db, streamTiered(srv.URL(), prefix, db))
-	b := newCache(t, db, fastTiered(srv.URL(), prefix)) // not following
-	testenv.WaitFor(t, 5*time.Second, "instances healthy", func() bool { return healthy(a) && healthy(b) })
-	streaming(t, a)
-	for _, id := range ids {
-		version(t, b, id)
-		version(t, b, id)
-	}
+	a, b := followerPair(t, srv.URL(), db, ids)
 	gen := b.redis.shards()[0].gen.Load()
 	a.Close()
 
@@ -410,7 +392,7 @@ func TestChangeStreamSlotLost(t *testing.T) {
 		return err == nil && status == "lost"
 	})
 
-	c := newCache(t, db, streamTiered(srv.URL(), prefix, db))
+	c := newCache(t, db, streamTiered(srv.URL(), b.cfg.KeyPrefix, db))
 	testenv.WaitFor(t, 5*time.Second, "a new slot and a new generation", func() bool {
 		return value(c.m.changesMissed) == 1 && b.redis.shards()[0].gen.Load() != gen
 	})
