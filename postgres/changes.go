@@ -192,11 +192,9 @@ func (s *Store) followOnce(ctx context.Context, slot string, apply func(context.
 // the changes it lost count as missed.
 func (s *Store) usableSlot(ctx context.Context, conn *pgconn.PgConn, slot string) (bool, error) {
 	var active, lost bool
-	// wal_status is read through to_jsonb because PostgreSQL before 13 has
-	// no such column (and no max_slot_wal_keep_size to lose a slot to).
 	err := s.pool.QueryRow(ctx, `
-SELECT active, coalesce(to_jsonb(s)->>'wal_status' = 'lost', false)
-FROM pg_replication_slots s WHERE slot_name = $1`, slot).Scan(&active, &lost)
+SELECT active, coalesce(wal_status = 'lost', false)
+FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&active, &lost)
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
 		return false, nil
@@ -212,8 +210,8 @@ FROM pg_replication_slots s WHERE slot_name = $1`, slot).Scan(&active, &lost)
 	// and idle: another follower may have dropped it and created a new
 	// one since it was read.
 	res, err := conn.Exec(ctx, `
-SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots s
-WHERE slot_name = '`+slot+`' AND NOT active AND to_jsonb(s)->>'wal_status' = 'lost'`).ReadAll()
+SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+WHERE slot_name = '`+slot+`' AND NOT active AND wal_status = 'lost'`).ReadAll()
 	var pe *pgconn.PgError
 	switch {
 	case errors.As(err, &pe) && (pe.Code == "42704" || pe.Code == "55006"): // dropped, or taken, meanwhile
